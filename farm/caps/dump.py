@@ -1,0 +1,394 @@
+"""A ``.replies`` dump: parse, validate, format, renumber.
+
+A dump is a recorded QMP conversation: JSON objects (command, reply, command,
+reply, ...) separated by one blank line, with one final newline. A probe
+session starts at each ``qmp_capabilities`` and restarts the ``libvirt-N`` ids
+at 1. This module makes every check of libvirt's scripts/qemu-replies-tool.py
+and reports problems as ``file:line: what is wrong``.
+
+Two layouts exist: ``current`` (each object is exactly ``json.dumps(obj,
+indent=2)``) and ``old``, the one libvirt <= 9.x wrote (the same, except empty
+objects and arrays are written open, ``{\\n<indent>}``). A dump is valid in the
+layout it is in.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.caps import schema
+from farm.errors import UsageError
+
+
+class Layout(enum.Enum):
+    current = "current"  # json.dumps(obj, indent=2): libvirt >= 10
+    old = "old"  # libvirt <= 9.x: empty containers written open
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a dump, at a line of its file (1-based)."""
+
+    line: int
+    message: str
+
+
+@dataclass
+class Exchange:
+    """One command and its reply, with the lines they start at."""
+
+    command: dict
+    reply_text: str
+    line: int
+    reply_line: int
+    _reply: dict | None = field(default=None, repr=False)
+
+    @property
+    def execute(self) -> str:
+        return self.command.get("execute", "")
+
+    @property
+    def arguments(self) -> dict:
+        return self.command.get("arguments") or {}
+
+    @property
+    def reply(self) -> dict:
+        """The parsed reply (parsed on first use: most checks never need it)."""
+        if self._reply is None:
+            self._reply = json.loads(self.reply_text)
+        return self._reply
+
+    @property
+    def result(self):
+        """The reply's ``return`` value, or None for an error reply."""
+        return self.reply.get("return")
+
+    def reply_id(self) -> object:
+        """The reply's ``id``, read from the text where the layout puts it."""
+        text = self.reply_text
+        if text.startswith('{\n  "id": '):
+            m = _ID_FIRST.match(text)
+        else:
+            m = _ID_LAST.search(text, max(0, len(text) - 64))
+        if m:
+            return m[1]
+        return self.reply.get("id")
+
+
+_ID_FIRST = re.compile(r'\{\n  "id": "([^"\\]*)",?\n')
+_ID_LAST = re.compile(r'\n  "id": "([^"\\]*)"\n\}\Z')
+
+
+@dataclass
+class Dump:
+    """A parsed dump: its exchanges, its layout and what is wrong with it."""
+
+    path: str
+    exchanges: list[Exchange]
+    layout: Layout | None
+    problems: list[Problem]
+
+    @property
+    def valid(self) -> bool:
+        return not self.problems
+
+    @property
+    def sessions(self) -> list[list[Exchange]]:
+        """Probe sessions: runs of exchanges each starting at qmp_capabilities."""
+        sessions: list[list[Exchange]] = []
+        for ex in self.exchanges:
+            if ex.execute == "qmp_capabilities" or not sessions:
+                sessions.append([])
+            sessions[-1].append(ex)
+        return sessions
+
+    def find(self, execute: str, session: int = 0) -> Exchange | None:
+        """The first exchange running ``execute`` in the given session."""
+        sessions = self.sessions
+        if session >= len(sessions):
+            return None
+        return next((ex for ex in sessions[session] if ex.execute == execute), None)
+
+    def all(self, execute: str) -> list[Exchange]:
+        return [ex for ex in self.exchanges if ex.execute == execute]
+
+    def errors(self) -> list[str]:
+        """Problems as ``file:line: message`` lines."""
+        return [f"{self.path}:{p.line}: {p.message}" for p in self.problems]
+
+
+MAX_PROBLEMS = 20
+
+
+def load(path: str | Path) -> Dump:
+    """Read and parse a dump file. Unreadable files raise UsageError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a .replies file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    return parse(text, str(path))
+
+
+def parse(text: str, path: str = "<dump>") -> Dump:
+    """Parse and validate a dump. Never raises for bad content: see ``problems``."""
+    layout = _matching_layout(text)
+    if layout is not None:
+        dump = _parse_canonical(text, path, layout)
+    else:
+        dump = _parse_slow(text, path)
+    if dump.exchanges:
+        _check_ids(dump)
+        _check_schema(dump)
+    del dump.problems[MAX_PROBLEMS:]
+    return dump
+
+
+def render(exchanges: list[Exchange], layout: Layout = Layout.current, renumber: bool = True) -> str:
+    """Write exchanges as a dump in ``layout``, ids renumbered per session."""
+    encode = _encoder(layout)
+    parts = []
+    seq = 9999
+    for ex in exchanges:
+        command, reply = dict(ex.command), dict(ex.reply)
+        if renumber:
+            if command.get("execute") == "qmp_capabilities":
+                seq = 1
+            command["id"] = reply["id"] = f"libvirt-{seq}"
+            seq += 1
+        parts.append(encode(command))
+        parts.append(encode(reply))
+    return "\n\n".join(parts) + "\n"
+
+
+# --- the fast path: a dump already in one of the two layouts ---------------
+
+
+def _matching_layout(text: str) -> Layout | None:
+    for layout in Layout:
+        if _layout_regex(layout).fullmatch(text):
+            return layout
+    return None
+
+
+def _parse_canonical(text: str, path: str, layout: Layout) -> Dump:
+    """Split a dump proven well-formed by the layout regex."""
+    chunks = text[:-1].split("\n\n")
+    problems: list[Problem] = []
+    exchanges: list[Exchange] = []
+    line = 1
+    for i in range(0, len(chunks) - 1, 2):
+        cmd_text, reply_text = chunks[i], chunks[i + 1]
+        reply_line = line + cmd_text.count("\n") + 2
+        exchanges.append(Exchange(json.loads(cmd_text), reply_text, line, reply_line))
+        line = reply_line + reply_text.count("\n") + 2
+    if len(chunks) % 2:
+        problems.append(Problem(line, f"command {_brief(chunks[-1])} has no reply"))
+    return Dump(path, exchanges, layout, problems)
+
+
+# --- the slow path: find and name what is wrong -----------------------------
+
+
+def _parse_slow(text: str, path: str) -> Dump:
+    problems: list[Problem] = []
+    if not text:
+        return Dump(path, [], None, [Problem(1, "empty file")])
+    objects: list[tuple[int, str, object]] = []  # (line, text, parsed)
+    lines = text.split("\n")
+    start, buf = 1, []
+    for number, line in enumerate(lines, 1):
+        if line == "" and (buf or number < len(lines)):
+            if not buf:
+                problems.append(Problem(number, "extra blank line (objects are separated by exactly one)"))
+            else:
+                chunk = "\n".join(buf)
+                try:
+                    objects.append((start, chunk, json.loads(chunk)))
+                except json.JSONDecodeError as e:
+                    problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})"))
+                    return Dump(path, [], None, problems)
+                buf = []
+            start = number + 1
+        elif line != "":
+            buf.append(line)
+    if buf:
+        problems.append(Problem(len(lines), "missing final newline"))
+        chunk = "\n".join(buf)
+        try:
+            objects.append((start, chunk, json.loads(chunk)))
+        except json.JSONDecodeError as e:
+            problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})"))
+            return Dump(path, [], None, problems)
+
+    for line, _, obj in objects:
+        if not isinstance(obj, dict):
+            problems.append(Problem(line, f"expected a JSON object, found {type(obj).__name__}"))
+    if problems and any(not isinstance(o, dict) for _, _, o in objects):
+        return Dump(path, [], None, problems)
+
+    exchanges = []
+    for i in range(0, len(objects) - 1, 2):
+        (cline, _, command), (rline, rtext, reply) = objects[i], objects[i + 1]
+        exchanges.append(Exchange(command, rtext, cline, rline, reply))
+    if len(objects) % 2:
+        line, _, command = objects[-1]
+        problems.append(Problem(line, f"command {_brief(command)} has no reply"))
+
+    layout = _closest_layout(objects)
+    encode = _encoder(layout)
+    for line, chunk, obj in objects:
+        expected = encode(obj)
+        if expected != chunk:
+            at, want, got = _first_difference(expected, chunk)
+            problems.append(
+                Problem(line + at, f"not in the {layout.value} layout: expected {want!r}, found {got!r}")
+            )
+            if len(problems) >= MAX_PROBLEMS:
+                break
+    return Dump(path, exchanges, layout, problems)
+
+
+def _closest_layout(objects: list[tuple[int, str, object]]) -> Layout:
+    """The layout most objects are in (ties: current)."""
+    score = {layout: 0 for layout in Layout}
+    for _, chunk, obj in objects:
+        for layout in Layout:
+            if _encoder(layout)(obj) == chunk:
+                score[layout] += 1
+    return max(Layout, key=lambda layout: (score[layout], layout is Layout.current))
+
+
+def _first_difference(expected: str, found: str) -> tuple[int, str, str]:
+    want, got = expected.split("\n"), found.split("\n")
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a != b:
+            return i, a, b
+    n = min(len(want), len(got))
+    return n, (want[n] if n < len(want) else "<end>"), (got[n] if n < len(got) else "<end>")
+
+
+# --- checks on parsed exchanges ---------------------------------------------
+
+
+def _check_ids(dump: Dump) -> None:
+    """ids are libvirt-N, restarting at 1 at every qmp_capabilities."""
+    seq = None
+    for ex in dump.exchanges:
+        if not isinstance(ex.command.get("execute"), str):
+            dump.problems.append(Problem(ex.line, "command has no 'execute' string"))
+            continue
+        if ex.execute == "qmp_capabilities":
+            seq = 1
+        elif seq is None:
+            dump.problems.append(Problem(ex.line, f"first command is {ex.execute!r}, expected 'qmp_capabilities'"))
+            seq = 1
+        expected = f"libvirt-{seq}"
+        if ex.command.get("id") != expected:
+            dump.problems.append(
+                Problem(ex.line, f"command {ex.execute!r} has id {ex.command.get('id')!r}, expected {expected!r}")
+            )
+        reply_id = ex.reply_id()
+        if reply_id != expected:
+            dump.problems.append(
+                Problem(ex.reply_line, f"reply to {ex.execute!r} has id {reply_id!r}, expected {expected!r}")
+            )
+        seq += 1
+
+
+def _check_schema(dump: Dump) -> None:
+    for ex in dump.all("query-qmp-schema"):
+        entries = ex.result
+        if entries is None:
+            continue
+        for index, message in schema.check(entries):
+            dump.problems.append(Problem(_entry_line(ex, entries, index), f"query-qmp-schema: {message}"))
+
+
+def _entry_line(ex: Exchange, entries: list, index: int) -> int:
+    """The line of a schema entry, found by its unique name."""
+    entry = entries[index]
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        needle = '\n      "name": ' + json.dumps(entry["name"])
+        at = ex.reply_text.find(needle)
+        if at >= 0:
+            return ex.reply_line + ex.reply_text.count("\n", 0, at) + 1
+    return ex.reply_line
+
+
+def _brief(command: object) -> str:
+    if isinstance(command, str):
+        try:
+            command = json.loads(command)
+        except json.JSONDecodeError:
+            return "(unparsable)"
+    if isinstance(command, dict):
+        return repr(command.get("execute", "?"))
+    return "(not an object)"
+
+
+# --- the two layouts ---------------------------------------------------------
+
+
+def _encoder(layout: Layout):
+    return _encode_current if layout is Layout.current else _encode_old
+
+
+def _encode_current(obj: object) -> str:
+    return json.dumps(obj, indent=2)
+
+
+def _encode_old(obj: object, level: int = 0) -> str:
+    """libvirt <= 9.x: like json.dumps(indent=2) but empty containers open."""
+    pad = "  " * level
+    if isinstance(obj, dict):
+        if not obj:
+            return "{\n" + pad + "}"
+        inner = ",\n".join(f"{pad}  {json.dumps(k)}: {_encode_old(v, level + 1)}" for k, v in obj.items())
+        return "{\n" + inner + "\n" + pad + "}"
+    if isinstance(obj, list):
+        if not obj:
+            return "[\n" + pad + "]"
+        inner = ",\n".join(f"{pad}  {_encode_old(v, level + 1)}" for v in obj)
+        return "[\n" + inner + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+# A regex of each layout's grammar, nested to a fixed depth (libvirt's dumps
+# nest 6 deep). A full match proves a dump is valid JSON written exactly in
+# that layout, at the speed of the regex engine; anything else takes the slow
+# path, which names the line. Strings admit only json.dumps' own escapes.
+_STR = r'"(?:[ !#-\[\]-~]++|\\["\\bfnrt]|\\u(?:000[0-7bef]|001[0-9a-f]|007f|00[89a-f][0-9a-f]|0[1-9a-f][0-9a-f]{2}|[1-9a-f][0-9a-f]{3}))*+"'
+_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:e[-+][0-9]++)?"
+_SCALAR = f"(?:{_STR}|{_NUM}|true|false|null)"
+_DEPTH = 6
+
+
+def _value(depth: int, layout: Layout) -> str:
+    if depth >= _DEPTH:
+        return _SCALAR
+    pad, pad1 = "  " * depth, "  " * (depth + 1)
+    inner = _value(depth + 1, layout)
+    parts = [_SCALAR]
+    for open_, close, item in (("\\{", "\\}", f"{_STR}: {inner}"), ("\\[", "\\]", inner)):
+        end = f"\\n{pad}{close}"
+        parts.append(f"{open_}\\n{pad}{close}" if layout is Layout.old else f"{open_}{close}")
+        parts.append(f"{open_}(?:\\n{pad1}{item}(?:,(?=\\n{pad1}[^ ])|(?={end})))++{end}")
+    return "(?>" + "|".join(parts) + ")"
+
+
+@functools.cache
+def _layout_regex(layout: Layout) -> re.Pattern:
+    top = _value(0, layout)
+    return re.compile(f"(?:{top}\\n\\n)*+{top}\\n")
