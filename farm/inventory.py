@@ -1,0 +1,430 @@
+"""The inventory: which hosts the farm probes on, and how to reach and equip them.
+
+An inventory is a YAML file (see the commented example ``inventory.yaml`` at the
+top of the repository) with optional ``defaults`` and a list of ``hosts``.
+``load_inventory`` turns every mistake in it into a one-line ``UsageError``
+naming the file, line, host and field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import ipaddress
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from farm.caps.arch import Architecture
+from farm.caps.names import parse_variant
+from farm.errors import UsageError
+
+LIBVIRT_GIT = "https://gitlab.com/libvirt/libvirt.git"
+DEFAULT_LIBVIRT = f"git:{LIBVIRT_GIT}@master"
+DEFAULT_INVENTORY = "inventories/local.yaml"  # inside the farm package
+
+HOST_KEY_TYPES = (
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_DEBIAN_VERSION = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
+_GIT_REF = re.compile(r"[A-Za-z0-9._/+-]+")
+
+
+class _At(ValueError):
+    """A validation error about a field below the model that raised it."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.loc = loc
+
+
+def _value_error(call, *args):
+    """Run a farm parser, turning its UsageError into the ValueError pydantic reports."""
+    try:
+        return call(*args)
+    except UsageError as e:
+        raise ValueError(str(e)) from None
+
+
+def _local_path(value: Any, info: ValidationInfo) -> Any:
+    """A path on this machine: ``~`` expanded, relative to the inventory file's directory."""
+    if value is None or value == "":
+        return None
+    path = Path(os.path.expanduser(str(value)))
+    base = (info.context or {}).get("base")
+    return path if path.is_absolute() or base is None else base / path
+
+
+class Source(NamedTuple):
+    """A parsed toolchain source, e.g. ``git:URL@REF`` -> ("git", URL, REF)."""
+
+    kind: str
+    location: str = ""  # a URL, a path or a Debian version
+    ref: str = ""  # git only
+
+
+def _parse_source(text: str, kinds: tuple[str, ...]) -> Source:
+    kind, _, rest = text.partition(":")
+    if kind not in kinds:
+        raise ValueError(f"bad source {text!r}: expected one of {', '.join(k + ':...' if k != 'system' else k for k in kinds)}")
+    if kind == "system":
+        if rest:
+            raise ValueError(f"bad source {text!r}: 'system' takes no argument")
+        return Source(kind)
+    if kind == "git":
+        url, at, ref = rest.rpartition("@")
+        if not at or not url or not _GIT_REF.fullmatch(ref) or any(c.isspace() for c in url):
+            raise ValueError(f"bad source {text!r}: expected git:URL@REF, e.g. git:{LIBVIRT_GIT}@master")
+        return Source(kind, url, ref)
+    if kind == "debian":
+        if not _DEBIAN_VERSION.fullmatch(rest):
+            raise ValueError(f"bad source {text!r}: expected debian:VERSION, e.g. debian:11.3.0-3+deb13u3")
+        return Source(kind, rest)
+    if not rest.startswith("/"):  # binary:, tarball:
+        raise ValueError(f"bad source {text!r}: expected {kind}:/absolute/path (on the host)")
+    return Source(kind, rest)
+
+
+class Toolchain(BaseModel):
+    """Where a host gets the libvirt probe (qemucapsprobe) and the QEMU it probes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    libvirt: str = Field(DEFAULT_LIBVIRT, description="debian:VERSION or git:URL@REF")
+    qemu: str = Field("system", description="system, binary:PATH, tarball:PATH or git:URL@REF")
+    cache_dir: str = Field("~/.cache/farm", description="build and source cache directory on the host")
+
+    @field_validator("libvirt")
+    @classmethod
+    def _libvirt(cls, value: str) -> str:
+        _parse_source(value, ("debian", "git"))
+        return value
+
+    @field_validator("qemu")
+    @classmethod
+    def _qemu(cls, value: str) -> str:
+        _parse_source(value, ("system", "binary", "tarball", "git"))
+        return value
+
+    @property
+    def libvirt_source(self) -> Source:
+        return _parse_source(self.libvirt, ("debian", "git"))
+
+    @property
+    def qemu_source(self) -> Source:
+        return _parse_source(self.qemu, ("system", "binary", "tarball", "git"))
+
+
+def parse_host_key(text: str) -> str:
+    """Check an OpenSSH public key line ("TYPE BASE64 [comment]"); return "TYPE BASE64"."""
+    parts = text.split()
+    if len(parts) < 2 or parts[0] not in HOST_KEY_TYPES:
+        raise ValueError(f"bad host key: expected 'TYPE BASE64', TYPE one of {', '.join(HOST_KEY_TYPES)}")
+    kind, b64 = parts[:2]
+    try:
+        blob = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"bad host key: {kind} key is not valid base64") from None
+    size = int.from_bytes(blob[:4], "big")
+    if blob[4 : 4 + size] != kind.encode() or (kind == "ssh-ed25519" and len(blob) != 51):
+        raise ValueError(f"bad host key: the base64 part is not an {kind} public key")
+    return f"{kind} {b64}"
+
+
+class Host(BaseModel):
+    """One machine that runs probes: how to reach it and what it can produce."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="unique name, [A-Za-z0-9][A-Za-z0-9._-]*")
+    arch: Architecture = Field(description="the arch of the dumps this host makes (libvirt's name)")
+    transport: Literal["ssh", "local"] = Field("ssh", description="ssh, or local for this machine")
+    address: str | None = Field(None, description="hostname or IP address (ssh)")
+    port: int = Field(22, ge=1, le=65535, description="SSH port")
+    user: str = Field("farm", description="SSH user")
+    host_key: str | None = Field(None, description="pinned SSH host public key, 'ssh-ed25519 AAAA...'")
+    known_hosts: Path | None = Field(None, description="known_hosts file to check the host key against instead")
+    identity_file: Path | None = Field(None, description="SSH private key (default: the SSH agent / ~/.ssh)")
+    variants: list[str] = Field([], description="variants it can produce besides the plain dump, e.g. amdsev")
+    max_jobs: int = Field(1, ge=1, description="probes run at once on this host")
+    toolchain: Toolchain = Field(Toolchain(), description="libvirt and QEMU sources, cache dir")
+    tags: list[str] = Field([], description="free-form labels, e.g. for selecting hosts")
+    agent_python: str = Field("python3", description="Python (>= 3.9) that runs the agent on the host")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(f"bad host name {value!r}: letters, digits, '.', '_', '-', not starting with a symbol")
+        return value
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _arch(cls, value: Any) -> Any:
+        return _value_error(Architecture.parse, value) if isinstance(value, str) else value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            pass
+        if not _HOSTNAME.fullmatch(value) or len(value) > 253:
+            raise ValueError(f"bad address {value!r}: expected a hostname or an IP address")
+        return value
+
+    @field_validator("host_key")
+    @classmethod
+    def _host_key(cls, value: str | None) -> str | None:
+        return None if value is None else parse_host_key(value)
+
+    _paths = field_validator("known_hosts", "identity_file", mode="before")(_local_path)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: list[str]) -> list[str]:
+        for i, variant in enumerate(value):
+            try:
+                if not parse_variant(variant):
+                    raise _At((i,), "empty variant name")
+            except UsageError as e:
+                raise _At((i,), str(e)) from None
+            if variant in value[:i]:
+                raise _At((i,), f"variant {variant!r} listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Host:
+        if self.transport == "ssh":
+            if self.address is None:
+                raise _At(("address",), "required for transport 'ssh'")
+            if self.host_key is None and self.known_hosts is None:
+                raise _At(
+                    ("host_key",),
+                    "required for transport 'ssh' (pin it: ssh-keyscan -t ed25519 ADDRESS), "
+                    "unless defaults.known_hosts names a known_hosts file",
+                )
+        return self
+
+    def produces(self, arch: Architecture, variant: str | None = None) -> bool:
+        """Can this host make the dump of ``arch`` (+ ``variant``)?"""
+        return self.arch == arch and (variant is None or variant in self.variants)
+
+
+class Defaults(BaseModel):
+    """Values for every host that does not set them; ``toolchain`` is merged key by key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    known_hosts: Path | None = None
+    identity_file: Path | None = None
+    agent_python: str | None = None
+    toolchain: Toolchain | None = None
+
+    _paths = field_validator("known_hosts", "identity_file", mode="before")(_local_path)
+
+
+class Inventory(BaseModel):
+    """The hosts of a farm."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defaults: Defaults = Defaults()
+    hosts: list[Host]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("defaults"), dict):
+            return data
+        defaults = {k: v for k, v in data["defaults"].items() if v is not None}
+        hosts = data.get("hosts")
+        if isinstance(hosts, list):
+            hosts = [_merge(defaults, h) if isinstance(h, dict) else h for h in hosts]
+        return {**data, "hosts": hosts}
+
+    @field_validator("hosts")
+    @classmethod
+    def _unique(cls, hosts: list[Host]) -> list[Host]:
+        if not hosts:
+            raise ValueError("no hosts: list at least one")
+        seen: dict[str, int] = {}
+        for i, host in enumerate(hosts):
+            if host.name in seen:
+                first = seen[host.name]
+                raise _At((i, "name"), f"duplicate name: hosts #{first + 1} and #{i + 1} are both named {host.name!r}")
+            seen[host.name] = i
+        return hosts
+
+    def archs(self) -> list[Architecture]:
+        """The archs of the hosts, in inventory order, each once."""
+        return list(dict.fromkeys(h.arch for h in self.hosts))
+
+    def hosts_for(self, arch: Architecture, variant: str | None = None) -> list[Host]:
+        """Hosts that can make the dump of ``arch`` (+ ``variant``), in inventory order."""
+        return [h for h in self.hosts if h.produces(arch, variant)]
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise UsageError(f"no host {name!r} in the inventory (hosts: {', '.join(h.name for h in self.hosts)})")
+
+
+def _merge(defaults: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
+    merged = {**defaults, **host}
+    if isinstance(defaults.get("toolchain"), dict) and isinstance(host.get("toolchain"), dict):
+        merged["toolchain"] = {**defaults["toolchain"], **host["toolchain"]}
+    return merged
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_inventory(path: str | os.PathLike[str]) -> Inventory:
+    """Read and check an inventory file; every problem is a one-line UsageError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such inventory file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read inventory: {getattr(e, 'strerror', None) or e}") from None
+    return parse_inventory(text, str(path), base=path.parent)
+
+
+def parse_inventory(text: str, source: str, base: Path | None = None) -> Inventory:
+    """Check the YAML ``text`` of an inventory; ``source`` names it in error messages."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            _check_duplicate_keys(node, source)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise UsageError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{source}: YAML error: {e}") from None
+    if data is None:
+        raise UsageError(f"{source}: empty inventory: expected a mapping with a 'hosts:' list")
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: expected a mapping with a 'hosts:' list at the top, not a {_kind(data)}")
+    try:
+        return Inventory.model_validate(data, context={"base": base})
+    except ValidationError as e:
+        # a typo shows as an unknown field and a missing one: name the typo
+        first = min(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
+        raise UsageError(_describe(first, data, node, source)) from None
+
+
+def default_inventory() -> Inventory:
+    """The built-in inventory: ``local`` hosts on this machine, one per arch."""
+    text = resources.files("farm").joinpath(DEFAULT_INVENTORY).read_text(encoding="utf-8")
+    return parse_inventory(text, f"farm/{DEFAULT_INVENTORY} (built-in)")
+
+
+def resolve_inventory(path: str | os.PathLike[str] | None = None) -> Inventory:
+    """The inventory to use: ``path``, else ``$FARM_INVENTORY``, else the built-in default."""
+    path = path or os.environ.get("FARM_INVENTORY")
+    return load_inventory(path) if path else default_inventory()
+
+
+def _check_duplicate_keys(node: yaml.Node | None, source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise UsageError(f"{source}:{key.start_mark.line + 1}: key {key.value!r} given twice")
+                seen.add(key.value)
+            _check_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, source)
+
+
+def _line(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """The line of the deepest YAML node on the path ``loc`` (1-based)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            entry = next(((k, v) for k, v in node.value if k.value == part), None)
+            if entry is None:
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(error: dict[str, Any], data: dict[str, Any], node: yaml.Node | None, source: str) -> str:
+    """One line for a pydantic error: file:line: host 'name': field 'f': problem."""
+    loc = tuple(error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, _At):
+        loc += cause.loc
+    parts = []
+    fields = loc
+    if loc[:1] == ("hosts",) and len(loc) > 1 and isinstance(loc[1], int):
+        raw = data["hosts"][loc[1]] if loc[1] < len(data["hosts"]) else None
+        name = raw.get("name") if isinstance(raw, dict) else None
+        parts.append(f"host {name!r}" if isinstance(name, str) and name else f"host #{loc[1] + 1}")
+        fields = loc[2:]
+    elif loc[:1] == ("defaults",):
+        parts.append("defaults")
+        fields = loc[1:]
+    if fields:
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in fields).lstrip(".")
+        parts.append(f"field {field!r}")
+    line = _line(node, loc)
+    where = f"{source}:{line}" if line else source
+    return ": ".join([where, *parts, _problem(error, cause)])
+
+
+def _problem(error: dict[str, Any], cause: Exception | None) -> str:
+    kind = error["type"]
+    if cause is not None:
+        return str(cause)
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        name = str(error["loc"][-1])
+        model = {"hosts": Host, "defaults": Defaults, "toolchain": Toolchain}.get(
+            next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Inventory
+        )
+        known = list(model.model_fields)
+        close = difflib.get_close_matches(name, known, n=1)
+        return "unknown field" + (f", did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
+    if kind in ("model_type", "dict_type"):
+        return f"expected a mapping, not a {_kind(error['input'])}"
+    if kind == "list_type":
+        return f"expected a list, not a {_kind(error['input'])}"
+    return error["msg"]
+
+
+def _kind(value: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
