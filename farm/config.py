@@ -1,0 +1,108 @@
+"""Settings from ``FARM_*`` environment variables (the inventory says which hosts; this says the rest)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farm.errors import UsageError
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    return Path(os.environ.get(variable) or os.path.expanduser(fallback)) / "farm"
+
+
+class Settings(BaseSettings):
+    """farm's settings; each field ``x`` is read from the environment variable ``FARM_X``."""
+
+    model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
+
+    state_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_DATA_HOME", "~/.local/share"),
+        description="The ledger (SQLite) and the artifact store: dumps and their provenance.",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: _xdg("XDG_CACHE_HOME", "~/.cache"),
+        description="Downloaded sources and builds on this machine (local hosts build here).",
+    )
+    inventory: Path | None = Field(
+        None, description="The inventory file, when --inventory is not given (default: the built-in local one)."
+    )
+    broker_url: SecretStr | None = Field(
+        None,
+        description="Celery broker, e.g. redis://coordinator:6379/0; unset: jobs run embedded, in threads.",
+    )
+    libvirt_checkout: Path | None = Field(
+        None, description="The libvirt git checkout that dumps are published into."
+    )
+    gitlab_url: str = Field("https://gitlab.com", description="The GitLab server merge requests are opened on.")
+    gitlab_project: str | None = Field(
+        None, description="The GitLab project (path, e.g. you/libvirt) that merge requests are pushed to."
+    )
+    gitlab_token: SecretStr | None = Field(
+        None, description="GitLab access token (scope api); prefer FARM_GITLAB_TOKEN_FILE."
+    )
+    gitlab_token_file: Path | None = Field(None, description="A file holding the GitLab access token.")
+    git_name: str | None = Field(None, description="Author name of publish commits (default: git config user.name).")
+    git_email: str | None = Field(
+        None, description="Author email of publish commits and Signed-off-by (default: git config user.email)."
+    )
+
+    @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "gitlab_token_file", mode="before")
+    @classmethod
+    def _expand(cls, value: object) -> object:
+        if value == "":
+            return None
+        return Path(os.path.expanduser(value)) if isinstance(value, (str, Path)) else value
+
+    @property
+    def broker(self) -> str | None:
+        """The broker URL in clear, for connecting."""
+        return self.broker_url.get_secret_value() if self.broker_url else None
+
+    def token(self) -> str:
+        """The GitLab token: $FARM_GITLAB_TOKEN, else the content of the token file."""
+        if self.gitlab_token and self.gitlab_token.get_secret_value().strip():
+            return self.gitlab_token.get_secret_value().strip()
+        if self.gitlab_token_file is None:
+            raise UsageError("no GitLab token: set FARM_GITLAB_TOKEN_FILE (or FARM_GITLAB_TOKEN)")
+        try:
+            token = self.gitlab_token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UsageError(f"{self.gitlab_token_file}: cannot read the GitLab token: {e.strerror}") from None
+        if not token:
+            raise UsageError(f"{self.gitlab_token_file}: the GitLab token file is empty")
+        return token
+
+    def public(self) -> dict[str, str | None]:
+        """Every setting as text for showing to a user; secrets masked, the broker URL without password."""
+        shown: dict[str, str | None] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "broker_url" and value is not None:
+                shown[name] = _without_password(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                shown[name] = "**********"
+            else:
+                shown[name] = None if value is None else str(value)
+        return shown
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{netloc}").geturl()
+
+
+@functools.cache
+def settings() -> Settings:
+    """The settings of this process, read once (``settings.cache_clear()`` re-reads them)."""
+    return Settings()
