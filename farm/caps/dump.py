@@ -32,10 +32,16 @@ class Layout(enum.Enum):
 
 @dataclass(frozen=True)
 class Problem:
-    """Something wrong with a dump, at a line of its file (1-based)."""
+    """Something wrong with a dump, at a line of its file (1-based).
+
+    ``kind`` is one of: json (not JSON), structure (blank lines, a command
+    without reply), layout (formatting), id (numbering), schema (QMP schema
+    key rules). Only layout and id problems can be fixed by reformatting.
+    """
 
     line: int
     message: str
+    kind: str = "structure"
 
 
 @dataclass
@@ -116,6 +122,11 @@ class Dump:
 
     def all(self, execute: str) -> list[Exchange]:
         return [ex for ex in self.exchanges if ex.execute == execute]
+
+    @property
+    def reformattable(self) -> bool:
+        """Rewriting it in the current layout keeps every exchange."""
+        return bool(self.exchanges) and all(p.kind in ("layout", "id", "schema") for p in self.problems)
 
     def errors(self) -> list[str]:
         """Problems as ``file:line: message`` lines."""
@@ -217,7 +228,7 @@ def _parse_slow(text: str, path: str) -> Dump:
                 try:
                     objects.append((start, chunk, json.loads(chunk)))
                 except json.JSONDecodeError as e:
-                    problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})"))
+                    problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})", "json"))
                     return Dump(path, [], None, problems)
                 buf = []
             start = number + 1
@@ -229,7 +240,7 @@ def _parse_slow(text: str, path: str) -> Dump:
         try:
             objects.append((start, chunk, json.loads(chunk)))
         except json.JSONDecodeError as e:
-            problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})"))
+            problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})", "json"))
             return Dump(path, [], None, problems)
 
     for line, _, obj in objects:
@@ -253,7 +264,7 @@ def _parse_slow(text: str, path: str) -> Dump:
         if expected != chunk:
             at, want, got = _first_difference(expected, chunk)
             problems.append(
-                Problem(line + at, f"not in the {layout.value} layout: expected {want!r}, found {got!r}")
+                Problem(line + at, f"not in the {layout.value} layout: expected {want!r}, found {got!r}", "layout")
             )
             if len(problems) >= MAX_PROBLEMS:
                 break
@@ -297,12 +308,12 @@ def _check_ids(dump: Dump) -> None:
         expected = f"libvirt-{seq}"
         if ex.command.get("id") != expected:
             dump.problems.append(
-                Problem(ex.line, f"command {ex.execute!r} has id {ex.command.get('id')!r}, expected {expected!r}")
+                Problem(ex.line, f"command {ex.execute!r} has id {ex.command.get('id')!r}, expected {expected!r}", "id")
             )
         reply_id = ex.reply_id()
         if reply_id != expected:
             dump.problems.append(
-                Problem(ex.reply_line, f"reply to {ex.execute!r} has id {reply_id!r}, expected {expected!r}")
+                Problem(ex.reply_line, f"reply to {ex.execute!r} has id {reply_id!r}, expected {expected!r}", "id")
             )
         seq += 1
 
@@ -313,7 +324,7 @@ def _check_schema(dump: Dump) -> None:
         if entries is None:
             continue
         for index, message in schema.check(entries):
-            dump.problems.append(Problem(_entry_line(ex, entries, index), f"query-qmp-schema: {message}"))
+            dump.problems.append(Problem(_entry_line(ex, entries, index), f"query-qmp-schema: {message}", "schema"))
 
 
 def _entry_line(ex: Exchange, entries: list, index: int) -> int:
@@ -366,11 +377,12 @@ def _encode_old(obj: object, level: int = 0) -> str:
 
 
 # A regex of each layout's grammar, nested to a fixed depth (libvirt's dumps
-# nest 6 deep). A full match proves a dump is valid JSON written exactly in
+# nest 6 deep). A full match proves a dump is valid JSON laid out exactly as in
 # that layout, at the speed of the regex engine; anything else takes the slow
-# path, which names the line. Strings admit only json.dumps' own escapes.
-_STR = r'"(?:[ !#-\[\]-~]++|\\["\\bfnrt]|\\u(?:000[0-7bef]|001[0-9a-f]|007f|00[89a-f][0-9a-f]|0[1-9a-f][0-9a-f]{2}|[1-9a-f][0-9a-f]{3}))*+"'
-_NUM = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:e[-+][0-9]++)?"
+# path, which names the line. Strings admit only json.dumps' own spellings;
+# numbers only integers (no dump has floats; one that has takes the slow path).
+_STR = r'"(?:[ !#-\[\]-~]++|\\["\\bfnrt]|\\u(?!00[2-7]|000[89acd])[0-9a-f]{4})*+"'
+_NUM = r"(?:0|-?[1-9][0-9]*+)"
 _SCALAR = f"(?:{_STR}|{_NUM}|true|false|null)"
 _DEPTH = 6
 

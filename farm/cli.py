@@ -1,0 +1,281 @@
+"""The farm command line: parse, call the library, render (text or --json).
+
+Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
+real hardware, a file that needs formatting), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from farm.errors import FarmError
+
+OK, FINDINGS, USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return USAGE
+    try:
+        return args.run(args)
+    except FarmError as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        print("farm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return OK
+
+
+# --- farm replies -------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from farm.caps import dump
+
+    results = [dump.load(f) for f in args.files]
+    if args.json:
+        _print_json(
+            [
+                {
+                    "file": d.path,
+                    "valid": d.valid,
+                    "layout": d.layout.value if d.layout else None,
+                    "problems": [{"line": p.line, "kind": p.kind, "message": p.message} for p in d.problems],
+                }
+                for d in results
+            ]
+        )
+    else:
+        for d in results:
+            if d.valid:
+                print(f"{d.path}: OK ({d.layout.value} layout)")
+            else:
+                print("\n".join(d.errors()))
+    return OK if all(d.valid for d in results) else FINDINGS
+
+
+def cmd_inspect(args) -> int:
+    from farm.caps import dump
+    from farm.caps.inspect import inspect
+
+    results = [inspect(dump.load(f), _dump_name(f)) for f in args.files]
+    if args.json:
+        _print_json([i.to_json() for i in results])
+    else:
+        for i in results:
+            _print_inspection(i)
+    return FINDINGS if any(i.alarming for i in results) else OK
+
+
+def cmd_fmt(args) -> int:
+    from farm.caps import dump
+
+    status = OK
+    report = []
+    for f in args.files:
+        d = dump.load(f)
+        if not d.reformattable:
+            report.append({"file": d.path, "status": "unformattable", "problems": d.errors()})
+            status = FINDINGS
+            continue
+        text = dump.render(d.exchanges)
+        if text == Path(f).read_text(encoding="utf-8"):
+            report.append({"file": d.path, "status": "unchanged"})
+        elif args.check:
+            report.append({"file": d.path, "status": "would reformat"})
+            status = FINDINGS
+        else:
+            _write_atomically(Path(f), text)
+            report.append({"file": d.path, "status": "reformatted"})
+    if args.json:
+        _print_json(report)
+    else:
+        for r in report:
+            print(f"{r['file']}: {r['status']}")
+            for line in r.get("problems", []):
+                print(f"  {line}")
+    return status
+
+
+def cmd_diff(args) -> int:
+    from farm.caps import dump
+    from farm.caps.diff import diff
+
+    d = diff(dump.load(args.old), dump.load(args.new))
+    if args.json:
+        _print_json(d.to_json())
+    elif args.markdown:
+        print(d.to_markdown())
+    else:
+        print(d.to_text())
+    return OK
+
+
+# --- farm coverage --------------------------------------------------------------
+
+
+def cmd_coverage(args) -> int:
+    from farm.coverage import coverage
+
+    cov = coverage(Path(args.tree))
+    if args.json:
+        _print_json(cov.to_json())
+        return OK
+    from rich.table import Table
+
+    style = {"real": "green", "fake": "yellow", "invalid": "bold red"}
+    table = Table(title=f"{cov.directory} ({cov.scheme.value} names)")
+    table.add_column("QEMU")
+    for column in cov.columns:
+        table.add_column(column)
+    for version in reversed(cov.versions):
+        row = [str(version)]
+        for column in cov.columns:
+            cell = cov.cell(version, column)
+            if cell is None:
+                row.append("")
+                continue
+            verdict = cell.inspection.verdict.value
+            alarm = "!" if cell.inspection.alarming else ""
+            row.append(f"[{style[verdict]}]{verdict}{alarm}[/]")
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    for cell in cov.cells:
+        if cell.inspection.alarming:
+            console.print(f"[bold red]{Path(cell.inspection.file).name}[/]: " + "; ".join(cell.inspection.reasons))
+    for stray in cov.strays:
+        console.print(f"[yellow]ignored[/]: {stray}")
+    return OK
+
+
+# --- farm hosts -------------------------------------------------------------------
+
+
+def cmd_hosts_list(args) -> int:
+    from farm.inventory import resolve_inventory
+
+    inventory = resolve_inventory(args.inventory)
+    hosts = [h.model_dump(mode="json") for h in inventory.hosts]
+    if args.json:
+        _print_json(hosts)
+        return OK
+    from rich.table import Table
+
+    table = Table(title=str(inventory.source) if getattr(inventory, "source", None) else None)
+    for column in ("name", "arch", "transport", "address", "variants", "max jobs", "tags"):
+        table.add_column(column)
+    for h in hosts:
+        address = f"{h.get('user')}@{h.get('address')}:{h.get('port')}" if h.get("transport") == "ssh" else "-"
+        table.add_row(
+            h["name"],
+            h["arch"],
+            h["transport"],
+            address,
+            ",".join(h.get("variants") or []) or "-",
+            str(h.get("max_jobs", 1)),
+            ",".join(h.get("tags") or []) or "-",
+        )
+    _console().print(table)
+    return OK
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _console():
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _dump_name(path: str):
+    """The libvirt name of a file, or None when it does not have one."""
+    from farm.caps.names import DumpName
+
+    try:
+        return DumpName.parse(Path(path).name)
+    except FarmError:
+        return None
+
+
+def _print_inspection(i) -> None:
+    f = i.facts
+    verdict = i.verdict.value.upper() + (" (!)" if i.alarming else "")
+    print(f"{i.file}: {verdict}")
+    print(
+        f"  QEMU {f.qemu_version} ({f.package or 'no package string'}), target {f.target}, "
+        f"accelerator {f.accelerator}, {f.sessions} session(s), {i.layout.value if i.layout else 'no'} layout"
+    )
+    print(
+        f"  {f.machine_types} machine types, {f.cpu_models} CPU models, {f.device_types} QOM types, "
+        f"host CPU {'expanded' if f.host_cpu_expanded else 'not expanded'}"
+    )
+    for r in i.reasons:
+        print(f"  reason: {r}")
+    for w in i.warnings:
+        print(f"  warning: {w}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    def command(parent, name, func, help_):
+        p = parent.add_parser(name, help=help_, description=help_)
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        p.set_defaults(run=func)
+        return p
+
+    def group(name, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(run=lambda args: (p.print_help(sys.stderr), USAGE)[1])
+        return p.add_subparsers(metavar="ACTION")
+
+    rsub = group("replies", "validate, inspect, format and compare .replies dumps")
+    p = command(rsub, "validate", cmd_validate, "check dumps as libvirt's qemu-replies-tool.py does")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = command(rsub, "inspect", cmd_inspect, "facts and verdict (real, fake, invalid) of dumps")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = command(rsub, "fmt", cmd_fmt, "rewrite dumps in the current layout, ids renumbered")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--check", action="store_true", help="only report files that would change (exit 1)")
+    p = command(rsub, "diff", cmd_diff, "semantic difference of two dumps")
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--markdown", action="store_true", help="Markdown, for merge request descriptions")
+
+    p = command(sub, "coverage", cmd_coverage, "QEMU version x arch matrix of a libvirt checkout")
+    p.add_argument("tree", metavar="LIBVIRT_TREE")
+
+    hsub = group("hosts", "the hosts of the inventory")
+    p = command(hsub, "list", cmd_hosts_list, "list the inventory's hosts")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    return parser
