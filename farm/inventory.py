@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from farm.caps.arch import Architecture
 from farm.caps.names import parse_variant
@@ -248,6 +248,12 @@ class Inventory(BaseModel):
 
     defaults: Defaults = Defaults()
     hosts: list[Host]
+    _source: str | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> str | None:
+        """Where it was loaded from: a file name, or the built-in default's."""
+        return self._source
 
     @model_validator(mode="before")
     @classmethod
@@ -331,11 +337,13 @@ def parse_inventory(text: str, source: str, base: Path | None = None) -> Invento
     if not isinstance(data, dict):
         raise UsageError(f"{source}: expected a mapping with a 'hosts:' list at the top, not a {_kind(data)}")
     try:
-        return Inventory.model_validate(data, context={"base": base})
+        inventory = Inventory.model_validate(data, context={"base": base})
     except ValidationError as e:
         # a typo shows as an unknown field and a missing one: name the typo
         first = min(e.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise UsageError(_describe(first, data, node, source)) from None
+    inventory._source = source
+    return inventory
 
 
 def default_inventory() -> Inventory:

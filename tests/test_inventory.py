@@ -60,9 +60,10 @@ def test_default_inventory(monkeypatch):
         assert h.toolchain.libvirt == "debian:11.3.0-3+deb13u3"
     monkeypatch.delenv("FARM_INVENTORY", raising=False)
     assert resolve_inventory(None) == inv
+    assert inv.source == "farm/inventories/local.yaml (built-in)"
     monkeypatch.setenv("FARM_INVENTORY", str(EXAMPLE))
-    assert resolve_inventory(None).host("x86-1")
-    assert resolve_inventory(Path(__file__).parent.parent / "farm/inventories/local.yaml") == inv
+    assert resolve_inventory(None).source == str(EXAMPLE)
+    assert resolve_inventory(Path(__file__).parent.parent / "farm/inventories/local.yaml").hosts == inv.hosts
 
 
 def test_minimal_host_defaults(tmp_path):
