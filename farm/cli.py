@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_validate(args) -> int:
     from farm.caps import dump
 
-    results = [dump.load(f) for f in args.files]
+    results = dump.validate_files(args.files)
     if args.json:
         _print_json(
             [

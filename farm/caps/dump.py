@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,29 @@ def load(path: str | Path) -> Dump:
     except OSError as e:
         raise UsageError(f"{path}: cannot read: {e.strerror}") from None
     return parse(text, str(path))
+
+
+def validate_files(paths: list[str | Path], jobs: int | None = None) -> list[Dump]:
+    """Load and validate many dumps, on several cores when there are several.
+
+    The dumps come back without their exchanges (path, layout, problems only):
+    shipping whole conversations between processes would cost more than it saves.
+    """
+    jobs = min(jobs or os.cpu_count() or 1, len(paths))
+    if jobs <= 1:
+        return [_checked(p) for p in paths]
+    import concurrent.futures
+    import multiprocessing
+
+    _layout_regex(Layout.current)  # compiled once, inherited by the forked workers
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        return list(pool.map(_checked, paths))
+
+
+def _checked(path: str | Path) -> Dump:
+    d = load(path)
+    return Dump(d.path, [], d.layout, d.problems)
 
 
 def parse(text: str, path: str = "<dump>") -> Dump:
