@@ -190,6 +190,187 @@ def cmd_hosts_list(args) -> int:
     return OK
 
 
+def cmd_hosts_check(args) -> int:
+    from farm.hosts import HostError, transport_for
+    from farm.hosts.agent import Agent
+    from farm.inventory import resolve_inventory
+
+    inventory = resolve_inventory(args.inventory)
+    hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
+    report = []
+    for host in hosts:
+        entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
+        try:
+            facts = Agent(transport_for(host), host).facts()
+            native = facts.get("arch")
+            entry.update(ok=True, facts=facts)
+            entry["real_dumps"] = bool(facts["kvm"]["usable"]) and _native(native) == host.arch.value
+        except HostError as e:
+            entry["error"] = str(e)
+        report.append(entry)
+    if args.json:
+        _print_json(report)
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"hosts of {inventory.source}")
+        for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes"):
+            table.add_column(column)
+        for e in report:
+            f = e.get("facts")
+            if not f:
+                table.add_row(e["name"], e["arch"], "[red]unreachable[/]", e.get("error", ""), "", "", "", "", "")
+                continue
+            kvm = f["kvm"]
+            qemu = [q for q in f.get("qemu", []) if q.get("arch") == _qemu_target(e["arch"])]
+            table.add_row(
+                e["name"], e["arch"], f.get("arch", "?"), f.get("kernel", "?"), (f.get("cpu_model") or "?")[:40],
+                "[green]usable[/]" if kvm.get("usable") else f"[red]{kvm.get('error') or 'missing'}[/]",
+                "[green]yes[/]" if e["real_dumps"] else "[yellow]no (TCG only)[/]",
+                ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
+                str(len(f.get("probes", []))),
+            )
+        _console().print(table)
+    return OK if all(e["ok"] for e in report) else FINDINGS
+
+
+# --- farm probe, farm runs ------------------------------------------------------------
+
+
+def cmd_probe(args) -> int:
+    from farm.config import settings
+    from farm.inventory import resolve_inventory
+    from farm.ledger import Ledger
+    from farm.run import probe
+
+    inventory = resolve_inventory(args.inventory)
+    ledger = Ledger(settings().state_dir)
+    with _JobProgress(enabled=not args.quiet) as progress:
+        record = probe(
+            inventory, args.qemu, args.arch, ledger, args.variant, args.timeout,
+            progress=progress.update, on_start=progress.start,
+        )
+    if args.json:
+        _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs]})
+    else:
+        _print_run(record)
+    return OK if all(j.status == "ok" for j in record.jobs) else FINDINGS
+
+
+def cmd_runs_list(args) -> int:
+    from farm.config import settings
+    from farm.ledger import Ledger
+
+    runs = Ledger(settings().state_dir).runs(args.limit)
+    if args.json:
+        _print_json([{**r.to_json(), "jobs": [_job_json(j) for j in r.jobs]} for r in runs])
+        return OK
+    from rich.table import Table
+
+    table = Table(title="runs")
+    for column in ("run", "QEMU", "archs", "mode", "status", "started", "jobs"):
+        table.add_column(column)
+    for r in runs:
+        counts: dict[str, int] = {}
+        for j in r.jobs:
+            counts[j.status] = counts.get(j.status, 0) + 1
+        table.add_row(
+            str(r.id), r.qemu, ",".join(r.archs) + (f" +{r.variant}" if r.variant else ""), r.mode, r.status,
+            _when(r.created), " ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        )
+    _console().print(table)
+    return OK
+
+
+def cmd_runs_show(args) -> int:
+    from farm.config import settings
+    from farm.ledger import Ledger
+
+    record = Ledger(settings().state_dir).run(args.run)
+    if args.json:
+        _print_json(record.to_json())
+    else:
+        print(f"run {record.id}: QEMU {record.qemu}, {record.status}, started {_when(record.created)}, "
+              f"inventory {record.inventory}")
+        _print_run(record)
+    return OK
+
+
+class _JobProgress:
+    """Live progress of a run's jobs on stderr (rich), one line per job."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.tasks: dict[str, object] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.fields[job]}"), TimeElapsedColumn(), TextColumn("{task.description}"),
+                console=Console(stderr=True), transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def start(self, run: int, jobs) -> None:
+        if not self.enabled:
+            print(f"farm: run {run}: {len(jobs)} job(s)", file=sys.stderr)
+            return
+        for job in jobs:
+            self.tasks[job.id] = self.progress.add_task("waiting", job=job.id, total=None)
+
+    def update(self, job_id: str, message: str) -> None:
+        if not self.enabled:
+            print(f"farm: {job_id}: {message}", file=sys.stderr)
+        elif job_id in self.tasks:
+            self.progress.update(self.tasks[job_id], description=message[:100])
+
+
+def _print_run(record) -> None:
+    from rich.table import Table
+
+    style = {"ok": "green", "fake": "bold red", "invalid": "bold red", "wrong-version": "bold red",
+             "failed": "red", "timeout": "red", "running": "yellow", "pending": "dim"}
+    table = Table(title=f"run {record.id}: QEMU {record.qemu}")
+    for column in ("arch", "host", "status", "verdict", "reasons", "artifact"):
+        table.add_column(column, overflow="fold")
+    for j in record.jobs:
+        table.add_row(
+            j.arch + (f"+{j.variant}" if j.variant else ""), j.host or "-",
+            f"[{style.get(j.status, 'white')}]{j.status}[/]", j.verdict or "-",
+            "\n".join(j.reasons + [f"warning: {w}" for w in j.warnings]) or "-", j.artifact or "-",
+        )
+    _console().print(table)
+
+
+def _job_json(j) -> dict:
+    return {k: v for k, v in j.to_json().items() if k in (
+        "arch", "variant", "host", "status", "verdict", "reasons", "warnings", "artifact", "seconds")}
+
+
+def _when(stamp: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else "-"
+
+
+def _native(machine: str | None) -> str | None:
+    return {"ppc64le": "ppc64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _qemu_target(arch: str) -> str:
+    from farm.caps.arch import Architecture
+
+    return Architecture.parse(arch).qemu_target
+
+
 # --- helpers ------------------------------------------------------------------------
 
 
@@ -278,4 +459,21 @@ def _parser() -> argparse.ArgumentParser:
     hsub = group("hosts", "the hosts of the inventory")
     p = command(hsub, "list", cmd_hosts_list, "list the inventory's hosts")
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p = command(hsub, "check", cmd_hosts_check, "ask each host's agent for its facts (arch, /dev/kvm, QEMU)")
+    p.add_argument("hosts", nargs="*", metavar="HOST", help="hosts to check (default: all)")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+
+    p = command(sub, "probe", cmd_probe, "probe a QEMU release on the inventory's hosts and judge the dumps")
+    p.add_argument("--qemu", required=True, metavar="VERSION", help="QEMU release, e.g. 9.1.0")
+    p.add_argument("--arch", default="all", metavar="ARCHS", help="all (the inventory's), native, or x86_64,s390x,...")
+    p.add_argument("--variant", metavar="V", help="a dump variant, e.g. amdsev (hosts that list it)")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    rsub = group("runs", "the ledger of runs and their jobs")
+    p = command(rsub, "list", cmd_runs_list, "recent runs")
+    p.add_argument("--limit", type=int, default=20)
+    p = command(rsub, "show", cmd_runs_show, "one run: its jobs, verdicts, artifacts")
+    p.add_argument("run", type=int, metavar="RUN")
     return parser

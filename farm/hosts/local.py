@@ -1,0 +1,78 @@
+"""The ``local`` transport: this machine, as the user running farm."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from farm.hosts import Completed, HostError
+
+
+class LocalTransport:
+    def __init__(self, name: str = "local"):
+        self.name = name
+
+    def run(
+        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None
+    ) -> Completed:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise HostError(f"host {self.name!r}: cannot run {argv[0]}: {e.strerror}") from None
+        out_chunks: list[str] = []
+        err_lines: list[str] = []
+
+        def drain_stdout() -> None:
+            out_chunks.append(proc.stdout.read())
+
+        def drain_stderr() -> None:
+            for line in proc.stderr:
+                err_lines.append(line)
+                if on_line:
+                    on_line(line.rstrip("\n"))
+
+        readers = [threading.Thread(target=f, daemon=True) for f in (drain_stdout, drain_stderr)]
+        for r in readers:
+            r.start()
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+        for r in readers:
+            r.join(10)
+        return Completed(list(argv), proc.returncode, "".join(out_chunks), "".join(err_lines), timed_out)
+
+    def put(self, local: Path, remote: str) -> None:
+        if Path(local).resolve() != Path(remote).resolve():
+            shutil.copyfile(local, remote)
+
+    def get(self, remote: str, local: Path) -> None:
+        if Path(remote).resolve() != Path(local).resolve():
+            shutil.copyfile(remote, local)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

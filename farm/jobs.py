@@ -1,0 +1,207 @@
+"""One job: probe one QEMU release for one arch (and variant) on one host.
+
+``run_job`` is the only place a probe happens: the embedded dispatcher calls
+it from threads, a Celery worker calls the same function. It never ends in
+silent success: every job ends with a status and the reasons for it.
+
+Statuses: ``ok`` (a real dump, or a fake of an arch libvirt keeps fake),
+``fake`` (TCG only where libvirt expects real hardware), ``invalid`` (the dump
+does not validate), ``wrong-version`` (QEMU is not the release asked for),
+``failed`` (host, toolchain or probe failure: no dump), ``timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from farm import __version__
+from farm.caps import dump
+from farm.caps.arch import Architecture
+from farm.caps.inspect import Verdict, inspect
+from farm.caps.names import DumpName
+from farm.caps.version import QemuVersion
+from farm.hosts import HostError, transport_for
+from farm.hosts.agent import Agent
+from farm.ledger import JobRecord, Ledger
+
+PROBE_TIMEOUT = 600.0
+
+# infrastructure failures: worth retrying on another host of the same arch
+RETRYABLE = ("failed", "timeout")
+
+
+@dataclass(frozen=True)
+class Job:
+    run: int
+    qemu: str  # the release asked for, X.Y.Z
+    arch: str
+    variant: str | None = None
+    probe_timeout: float = PROBE_TIMEOUT
+
+    @property
+    def id(self) -> str:
+        return f"run-{self.run}-{self.arch}" + (f"+{self.variant}" if self.variant else "")
+
+    @property
+    def name(self) -> DumpName:
+        """The name libvirt gives this job's dump."""
+        return DumpName(QemuVersion.parse(self.qemu), Architecture.parse(self.arch), self.variant)
+
+
+class _Ended(Exception):
+    """A job step decided how the job ends."""
+
+    def __init__(self, status: str, *reasons: str):
+        super().__init__(status)
+        self.status = status
+        self.reasons = list(reasons)
+
+
+def execute(job: Job, hosts: list, ledger: Ledger, progress: Callable[[str], None] | None = None,
+            attempt: Callable | None = None) -> JobRecord:
+    """Run a job on the first host that can do it, trying the next host of the
+    same arch after an infrastructure failure; record the end once.
+
+    ``attempt(job, host, ledger, progress)`` runs one attempt (default
+    ``run_job``); dispatchers wrap it, e.g. to hold a host's job slot.
+    """
+    attempt = attempt or run_job
+    say = progress or (lambda message: None)
+    if not hosts:
+        record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
+        record.reasons = [f"no host in the inventory can probe {job.arch}" + (f"+{job.variant}" if job.variant else "")]
+        return ledger.finish_job(record)
+    tried = []
+    for host in hosts:
+        record = attempt(job, host, ledger, lambda m, h=host.name: say(f"{h}: {m}"))
+        tried.append(f"{host.name}: {'; '.join(record.reasons)}")
+        if record.status not in RETRYABLE:
+            break
+        say(f"{host.name}: {record.status}")
+    if record.status in RETRYABLE and len(tried) > 1:
+        record.reasons = [f"all {len(tried)} hosts of {job.arch} failed"] + tried
+    return ledger.finish_job(record)
+
+
+def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | None = None) -> JobRecord:
+    """Probe ``job`` on ``host`` once and return how it ended (not yet recorded as final)."""
+    say = progress or (lambda message: None)
+    record = JobRecord(job.id, job.run, job.arch, job.variant, host.name, started=time.time())
+    ledger.start_job(job.id, host.name)
+    provenance: dict = {"job": job.id, "host": {"name": host.name, "arch": host.arch.value}}
+    try:
+        agent = Agent(transport_for(host), host, say)
+        say("agent facts")
+        facts = agent.facts()
+        provenance["host"]["facts"] = facts
+        _check_host(host, facts)
+        say(f"toolchain: libvirt {host.toolchain.libvirt}")
+        libvirt = agent.libvirt(host.toolchain.libvirt)
+        provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
+        qemu = _qemu(agent, host, facts, job, say)
+        provenance["qemu"] = qemu
+        with tempfile.TemporaryDirectory(prefix="farm-job-") as tmp:
+            local = Path(tmp) / str(job.name)
+            remote = _remote_out(agent, host, job, local)
+            say(f"probing {qemu['path']}")
+            probe = agent.probe(libvirt["probe"], qemu["path"], remote, job.probe_timeout)
+            provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
+            if probe.get("timed_out"):
+                raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
+            if not probe.get("ok"):
+                tail = (probe.get("stderr_tail") or "").strip().splitlines()[-3:]
+                raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail))
+            agent.transport.get(remote, local)
+            stored_as = _judge(job, record, local, facts, provenance)
+            say("storing")
+            record.artifact = str(ledger.store_artifact(job.run, job.id, str(stored_as), local, provenance))
+    except _Ended as e:
+        record.status, record.reasons = e.status, e.reasons + record.reasons
+    except HostError as e:
+        record.status, record.reasons = "failed", [str(e)]
+    record.finished = time.time()
+    provenance["timings"] = {"started": record.started, "finished": record.finished}
+    record.provenance = provenance
+    return record
+
+
+def _check_host(host, facts: dict) -> None:
+    machine = facts.get("arch", "?")
+    try:
+        native = Architecture.parse({"ppc64le": "ppc64", "arm64": "aarch64"}.get(machine, machine))
+    except Exception:
+        native = None
+    if host.transport != "local" and native is not host.arch:
+        raise HostError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
+
+
+def _qemu(agent: Agent, host, facts: dict, job: Job, say) -> dict:
+    """The QEMU binary to probe, per the host's toolchain (built from source if asked)."""
+    source = host.toolchain.qemu_source
+    target = Architecture.parse(job.arch).qemu_target
+    if source.kind == "system":
+        found = [q for q in facts.get("qemu", []) if q.get("arch") == target]
+        if not found:
+            raise HostError(f"host {host.name!r}: no qemu-system-{target} on PATH")
+        info = agent.qemu_binary(found[0]["path"])
+        origin = "system"
+    elif source.kind == "binary":
+        info = agent.qemu_binary(source.location)
+        origin = f"binary:{source.location}"
+    else:
+        spec = host.toolchain.qemu
+        if source.kind == "git":  # the release asked for, by its tag
+            spec = f"git:{source.location}@v{job.qemu}"
+        say(f"toolchain: QEMU {spec} ({target}-softmmu)")
+        info = agent.qemu_build(spec, target)
+        origin = spec
+    return {
+        "path": info.get("path") or info.get("binary"),
+        "version": info.get("version"),
+        "version_line": info.get("version_line"),
+        "origin": origin,
+    }
+
+
+def _remote_out(agent: Agent, host, job: Job, local: Path) -> str:
+    if host.transport == "local":
+        return str(local)
+    return f"{agent.cache}/out/{job.id}/{job.name}"
+
+
+def _judge(job: Job, record: JobRecord, path: Path, facts: dict, provenance: dict) -> DumpName:
+    """Set the job's status, verdict and reasons; return the name the dump is stored under."""
+    d = dump.load(path)
+    name = job.name
+    inspection = inspect(d, name)
+    version = inspection.facts.qemu_version
+    if version is not None and name.version not in version.release_names():
+        name = DumpName(version.release_names()[0], name.arch, name.variant)
+        inspection = inspect(d, name)
+        record.status = "wrong-version"
+        record.reasons = [f"asked for QEMU {job.qemu}, the binary is QEMU {version}"] + inspection.reasons
+    elif inspection.verdict is Verdict.invalid:
+        record.status, record.reasons = "invalid", inspection.reasons
+    elif inspection.verdict is Verdict.fake and inspection.expects_real:
+        record.status, record.reasons = "fake", inspection.reasons
+    else:
+        record.status, record.reasons = "ok", inspection.reasons
+    kvm = facts.get("kvm") or {}
+    if not kvm.get("usable"):
+        record.reasons.append(f"host has no usable /dev/kvm: {kvm.get('error') or 'not present'}")
+    record.verdict = inspection.verdict.value
+    record.warnings = inspection.warnings
+    provenance["verdict"] = {
+        "verdict": record.verdict,
+        "reasons": record.reasons,
+        "warnings": record.warnings,
+        "facts": inspection.to_json(),
+    }
+    provenance["farm"] = {"version": __version__, "coordinator": platform.node(), "pid": os.getpid()}
+    return name

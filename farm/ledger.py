@@ -1,0 +1,267 @@
+"""The durable record of runs and jobs: SQLite (WAL), plus the artifact store.
+
+Each job's dump is stored under the name libvirt would give it, next to a
+provenance JSON, in ``<state>/artifacts/run-<N>/``. A job id maps to one
+artifact: recording a job twice never adds a second result nor overwrites a
+good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.errors import UsageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    qemu TEXT NOT NULL,
+    archs TEXT NOT NULL,
+    variant TEXT,
+    inventory TEXT,
+    mode TEXT NOT NULL DEFAULT 'embedded',
+    status TEXT NOT NULL DEFAULT 'running',
+    created REAL NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    run INTEGER NOT NULL REFERENCES runs(id),
+    arch TEXT NOT NULL,
+    variant TEXT,
+    host TEXT,
+    status TEXT NOT NULL DEFAULT 'pending',
+    verdict TEXT,
+    reasons TEXT NOT NULL DEFAULT '[]',
+    warnings TEXT NOT NULL DEFAULT '[]',
+    artifact TEXT,
+    started REAL,
+    finished REAL,
+    provenance TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run);
+"""
+
+# statuses a job ends in; 'pending' and 'running' are not final
+FINAL = ("ok", "fake", "invalid", "wrong-version", "failed", "timeout")
+
+
+@dataclass
+class JobRecord:
+    id: str
+    run: int
+    arch: str
+    variant: str | None
+    host: str | None = None
+    status: str = "pending"
+    verdict: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    artifact: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    provenance: dict | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "arch": self.arch,
+            "variant": self.variant,
+            "host": self.host,
+            "status": self.status,
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "warnings": self.warnings,
+            "artifact": self.artifact,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": round(self.finished - self.started, 2) if self.started and self.finished else None,
+        }
+
+
+@dataclass
+class RunRecord:
+    id: int
+    qemu: str
+    archs: list[str]
+    variant: str | None
+    inventory: str | None
+    mode: str
+    status: str
+    created: float
+    finished: float | None
+    jobs: list[JobRecord] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "run": self.id,
+            "qemu": self.qemu,
+            "archs": self.archs,
+            "variant": self.variant,
+            "inventory": self.inventory,
+            "mode": self.mode,
+            "status": self.status,
+            "created": self.created,
+            "finished": self.finished,
+            "jobs": [j.to_json() for j in self.jobs],
+        }
+
+
+class Ledger:
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.artifacts = self.state_dir / "artifacts"
+        self.path = self.state_dir / "ledger.sqlite"
+        with self._db() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _db(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
+
+    # --- runs -------------------------------------------------------------------------
+
+    def new_run(self, qemu: str, archs: list[str], variant: str | None, inventory: str | None, mode: str) -> int:
+        with self._db() as db:
+            cur = db.execute(
+                "INSERT INTO runs (qemu, archs, variant, inventory, mode, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (qemu, json.dumps(archs), variant, inventory, mode, time.time()),
+            )
+            return int(cur.lastrowid)
+
+    def finish_run(self, run: int) -> None:
+        jobs = self.jobs(run)
+        status = "done" if all(j.final for j in jobs) else "incomplete"
+        with self._db() as db:
+            db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ?", (status, time.time(), run))
+
+    def run(self, run: int) -> RunRecord:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run,)).fetchone()
+        if row is None:
+            raise UsageError(f"no run {run} in {self.path}")
+        record = self._run_record(row)
+        record.jobs = self.jobs(run)
+        if record.status == "running" and not self._alive(record):
+            record.status = "interrupted"
+        return record
+
+    def runs(self, limit: int = 50) -> list[RunRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        records = []
+        for row in rows:
+            record = self._run_record(row)
+            record.jobs = self.jobs(record.id)
+            records.append(record)
+        return records
+
+    @staticmethod
+    def _run_record(row: sqlite3.Row) -> RunRecord:
+        return RunRecord(
+            row["id"], row["qemu"], json.loads(row["archs"]), row["variant"], row["inventory"],
+            row["mode"], row["status"], row["created"], row["finished"],
+        )
+
+    @staticmethod
+    def _alive(record: RunRecord) -> bool:
+        """A run still 'running' whose jobs have all stopped moving for an hour is interrupted."""
+        stamps = [j.started or 0 for j in record.jobs] + [record.created]
+        return time.time() - max(stamps) < 3600
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def add_job(self, job: JobRecord) -> None:
+        with self._db() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (id, run, arch, variant, host) VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.run, job.arch, job.variant, job.host),
+            )
+
+    def start_job(self, job_id: str, host: str) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE jobs SET status = 'running', host = ?, started = ? WHERE id = ? AND status IN ('pending', 'running')",
+                (host, time.time(), job_id),
+            )
+
+    def finish_job(self, job: JobRecord) -> JobRecord:
+        """Record a job's end once: a job already final keeps its first result."""
+        with self._db() as db:
+            db.execute(
+                "UPDATE jobs SET status = ?, host = ?, verdict = ?, reasons = ?, warnings = ?, artifact = ?, "
+                "started = COALESCE(started, ?), finished = ?, provenance = ? "
+                f"WHERE id = ? AND status NOT IN ({','.join('?' * len(FINAL))})",
+                (
+                    job.status, job.host, job.verdict, json.dumps(job.reasons), json.dumps(job.warnings),
+                    job.artifact, job.started, job.finished or time.time(),
+                    json.dumps(job.provenance) if job.provenance is not None else None,
+                    job.id, *FINAL,
+                ),
+            )
+        return self.job(job.id)
+
+    def job(self, job_id: str) -> JobRecord:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no job {job_id!r} in {self.path}")
+        return self._job_record(row)
+
+    def jobs(self, run: int) -> list[JobRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE run = ? ORDER BY rowid", (run,)).fetchall()
+        return [self._job_record(r) for r in rows]
+
+    @staticmethod
+    def _job_record(row: sqlite3.Row) -> JobRecord:
+        return JobRecord(
+            row["id"], row["run"], row["arch"], row["variant"], row["host"], row["status"], row["verdict"],
+            json.loads(row["reasons"]), json.loads(row["warnings"]), row["artifact"], row["started"],
+            row["finished"], json.loads(row["provenance"]) if row["provenance"] else None,
+        )
+
+    # --- artifacts ----------------------------------------------------------------------
+
+    def store_artifact(self, run: int, job_id: str, name: str, dump_file: Path, provenance: dict) -> Path:
+        """Keep a job's dump as ``run-N/<job>/<libvirt name>`` with ``provenance.json`` beside it.
+
+        Written to a temporary directory and renamed into place; an existing
+        artifact of the same job is never overwritten (the first one stays).
+        """
+        final = self.artifacts / f"run-{run}" / job_id
+        target = final / name
+        if target.exists():
+            return target
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=final.parent))
+        try:
+            shutil.copyfile(dump_file, tmp / name)
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if target.exists():  # another delivery of the same job won the race
+                return target
+            raise
+        return target

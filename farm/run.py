@@ -1,0 +1,54 @@
+"""A run: one QEMU release probed for a set of arches (and a variant), as jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from farm.caps.arch import Architecture
+from farm.caps.names import parse_variant
+from farm.caps.version import QemuVersion
+from farm.errors import UsageError
+from farm.jobs import PROBE_TIMEOUT, Job
+from farm.ledger import JobRecord, Ledger, RunRecord
+
+
+def plan(inventory, arch_spec: str, variant: str | None) -> list[tuple[Architecture, list]]:
+    """(arch, candidate hosts) per job; ``all`` is every arch of the inventory."""
+    variant = parse_variant(variant)
+    archs = Architecture.parse_list(arch_spec, inventory.archs())
+    work = []
+    for arch in archs:
+        hosts = inventory.hosts_for(arch, variant)
+        if not hosts:
+            what = arch.value + (f"+{variant}" if variant else "")
+            raise UsageError(f"{inventory.source}: no host can probe {what} (hosts: {', '.join(h.name for h in inventory.hosts)})")
+        work.append((arch, hosts))
+    return work
+
+
+def probe(
+    inventory,
+    qemu: str,
+    arch_spec: str,
+    ledger: Ledger,
+    variant: str | None = None,
+    timeout: float = PROBE_TIMEOUT,
+    progress: Callable[[str, str], None] | None = None,
+    on_start: Callable[[int, list[Job]], None] | None = None,
+) -> RunRecord:
+    """Plan, record and run the jobs of a run on the embedded dispatcher."""
+    from farm.dispatch import embedded
+
+    version = str(QemuVersion.parse(qemu))
+    work = plan(inventory, arch_spec, variant)
+    run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), "embedded")
+    jobs = [(Job(run, version, arch.value, variant, timeout), hosts) for arch, hosts in work]
+    for job, _ in jobs:
+        ledger.add_job(JobRecord(job.id, run, job.arch, job.variant))
+    if on_start:
+        on_start(run, [job for job, _ in jobs])
+    try:
+        embedded.dispatch(jobs, ledger, progress)
+    finally:
+        ledger.finish_run(run)
+    return ledger.run(run)
