@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-CACHE = Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
+CACHE = Path(
+    os.environ.get("FARM_CACHE") or ("/var/cache/farm" if os.geteuid() == 0 else Path.home() / ".cache" / "farm")
+)
 
 
 def timed(argv: list[str]) -> tuple[float, subprocess.CompletedProcess]:

@@ -104,7 +104,11 @@ class Toolchain(BaseModel):
 
     libvirt: str = Field(DEFAULT_LIBVIRT, description="debian:VERSION or git:URL@REF")
     qemu: str = Field("system", description="system, binary:PATH, tarball:PATH or git:URL@REF")
-    cache_dir: str = Field("~/.cache/farm", description="build and source cache directory on the host")
+    cache_dir: str | None = Field(
+        None,
+        description="build and source cache directory on the host (default: ~/.cache/farm; "
+        "for local hosts the coordinator's FARM_CACHE_DIR)",
+    )
 
     @field_validator("libvirt")
     @classmethod

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-CACHE = Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
+CACHE = Path(
+    os.environ.get("FARM_CACHE") or ("/var/cache/farm" if os.geteuid() == 0 else Path.home() / ".cache" / "farm")
+)
 SOURCES = CACHE / "src"
 
 

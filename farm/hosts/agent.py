@@ -30,11 +30,16 @@ class Agent:
         self.python = host.agent_python
         cache = host.toolchain.cache_dir
         if host.transport == "local":
+            if cache is None:
+                from farm.config import settings
+
+                cache = str(settings().cache_dir)
             cache = os.path.expanduser(cache)
             self.path = str(AGENT_FILE)
             if not AGENT_FILE.is_file():
                 raise HostError(f"agent not found at {AGENT_FILE} (farm must run from its source tree)")
         else:
+            cache = cache or "~/.cache/farm"
             self.path = f"{cache}/farm_agent.py"
         self.cache = f"{cache}/agent"
 
