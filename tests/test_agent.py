@@ -1,0 +1,337 @@
+"""Tests of agents/farm_agent.py, run as a subprocess the way hosts run it.
+
+The agent is stdlib-only and must run on Python >= 3.9; it is run here with the
+system python3 (/usr/bin/python3; override with FARM_AGENT_PYTHON).
+"""
+
+import ast
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = ROOT / "agents" / "farm_agent.py"
+QEMU_X86 = "/usr/bin/qemu-system-x86_64"
+LIBVIRT_DEBIAN = "debian:11.3.0-3+deb13u3"
+NOKVM_USER = "farm-nokvm"
+
+
+def agent_python() -> str:
+    """The interpreter that runs the agent: the system python3."""
+    env = os.environ.get("FARM_AGENT_PYTHON")
+    if env:
+        return env
+    return "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+def run_agent(*args: str, env=None, timeout: float = 120, **kwargs) -> tuple:
+    """Run the agent; return (exit code, parsed JSON stdout, stderr)."""
+    proc = subprocess.run([agent_python(), str(AGENT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, "stdout must be exactly one JSON line, got %r" % proc.stdout
+    return proc.returncode, json.loads(lines[0]), proc.stderr
+
+
+def kvm_usable() -> bool:
+    """Whether this process can open /dev/kvm read/write."""
+    return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+@pytest.fixture(scope="module")
+def probe_cache() -> Path:
+    """The shared build cache for qemucapsprobe ($FARM_CACHE or ~/.cache/farm, subdir agent)."""
+    base = Path(os.environ.get("FARM_CACHE") or Path.home() / ".cache" / "farm")
+    path = base / "agent"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- source rules
+
+def test_agent_is_python39_syntax_and_stdlib_only():
+    """The file parses as Python 3.9 and imports nothing outside the standard library."""
+    tree = ast.parse(AGENT.read_text(), feature_version=(3, 9))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module.split(".")[0])
+        assert not isinstance(node, getattr(ast, "Match", ())), "no match statements"
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    if stdlib:
+        assert imported <= set(stdlib), imported - set(stdlib)
+    assert "shell=True" not in AGENT.read_text()
+
+
+# --------------------------------------------------------------------------- facts
+
+def test_facts_shape(tmp_path):
+    code, facts, _ = run_agent("facts", "--cache", str(tmp_path / "cache"))
+    assert code == 0
+    assert facts["ok"] is True
+    assert facts["arch"] == os.uname().machine
+    assert facts["kernel"] == os.uname().release
+    assert isinstance(facts["agent_version"], str)
+    assert facts["cpu_model"] is None or isinstance(facts["cpu_model"], str)
+    assert set(facts["kvm"]) >= {"present", "usable", "api_version", "error"}
+    assert isinstance(facts["free_disk_bytes"], int) and facts["free_disk_bytes"] > 0
+    assert facts["probes"] == []
+    for qemu in facts["qemu"]:
+        assert set(qemu) >= {"path", "arch", "version", "version_line"}
+
+
+def test_facts_finds_qemu_binaries(tmp_path):
+    if not os.path.exists(QEMU_X86):
+        pytest.skip("%s is not installed" % QEMU_X86)
+    _, facts, _ = run_agent("facts", "--cache", str(tmp_path))
+    by_path = {q["path"]: q for q in facts["qemu"]}
+    x86 = by_path[QEMU_X86]
+    assert x86["arch"] == "x86_64"
+    assert x86["version_line"].startswith("QEMU emulator version ")
+    assert x86["version"] and x86["version_line"].startswith("QEMU emulator version " + x86["version"])
+    assert len(by_path) == len(facts["qemu"]), "each binary listed once"
+
+
+def test_facts_kvm_usable():
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("/dev/kvm does not exist on this machine")
+    if not kvm_usable():
+        pytest.skip("this user cannot open /dev/kvm read/write")
+    _, facts, _ = run_agent("facts")
+    assert facts["kvm"] == {"present": True, "usable": True, "api_version": 12, "error": None}
+
+
+@pytest.fixture
+def nokvm_user():
+    """A local user without access to /dev/kvm (created with useradd when running as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a user without kvm access needs root")
+    if not shutil.which("useradd"):
+        pytest.skip("useradd is not available")
+    try:
+        pwd.getpwnam(NOKVM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        NOKVM_USER], check=True)
+    return pwd.getpwnam(NOKVM_USER)
+
+
+def test_facts_without_kvm_access(nokvm_user):
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("/dev/kvm does not exist on this machine")
+    st = os.stat("/dev/kvm")
+    if st.st_mode & 0o006 or st.st_gid in os.getgrouplist(nokvm_user.pw_name, nokvm_user.pw_gid):
+        pytest.skip("/dev/kvm is accessible to every user here")
+    python = agent_python()
+    if python != "/usr/bin/python3":
+        pytest.skip("the unprivileged user needs a system python3")
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+    code, facts, _ = run_agent("facts", env=env, cwd="/", user=nokvm_user.pw_uid,
+                               group=nokvm_user.pw_gid, extra_groups=[])
+    assert code == 0
+    assert facts["user"] == nokvm_user.pw_uid
+    assert facts["kvm"]["present"] is True
+    assert facts["kvm"]["usable"] is False
+    assert "Permission denied" in facts["kvm"]["error"]
+
+
+# --------------------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("args,named", [
+    (["probe", "--qemu", QEMU_X86, "--out", "x"], "--probe"),
+    (["probe", "--probe", "/nonexistent/qemucapsprobe", "--qemu", QEMU_X86, "--out", "x"],
+     "--probe"),
+    (["probe", "--probe", "/bin/true", "--qemu", "/nonexistent/qemu", "--out", "x"], "--qemu"),
+    (["probe", "--probe", "/bin/true", "--qemu", "/bin/true", "--out", "x", "--timeout", "soon"],
+     "--timeout"),
+    (["probe", "--probe", "/bin/true", "--qemu", "/bin/true", "--out", "x", "--timeout", "-1"],
+     "--timeout"),
+    (["probe", "--probe", "/bin/true", "--qemu", "/bin/true", "--out", "/nonexistent/dir/x"],
+     "--out"),
+    (["toolchain", "libvirt"], "--source"),
+    (["toolchain", "libvirt", "--source", "svn:whatever"], "--source"),
+    (["toolchain", "libvirt", "--source", "git:no-ref-here"], "--source"),
+    (["toolchain", "libvirt", "--source", "debian:11.3.0", "--tarball", "/nonexistent.tar.xz"],
+     "--tarball"),
+    (["toolchain", "qemu", "--binary", "/nonexistent/qemu-system-x86_64"], "--binary"),
+    (["toolchain", "qemu", "--source", "tarball:/nonexistent.tar.xz", "--target", "x86_64"],
+     "--source"),
+    (["toolchain", "qemu", "--source", "ftp:somewhere", "--target", "x86_64"], "--source"),
+    (["toolchain", "qemu", "--source", "tarball:/etc/hostname"], "--target"),
+    (["toolchain", "qemu", "--source", "tarball:/etc/hostname", "--target", "X86;rm"], "--target"),
+    (["toolchain", "libvirt", "--source", "debian:1", "--jobs", "0"], "--jobs"),
+])
+def test_bad_arguments_exit_2_naming_the_argument(tmp_path, args, named):
+    code, answer, stderr = run_agent(*args, "--cache", str(tmp_path)) if args[0] == "toolchain" \
+        else run_agent(*args, cwd=tmp_path)
+    assert code == 2, answer
+    assert answer["ok"] is False
+    assert named in answer["error"]
+    assert not list(tmp_path.iterdir()), "nothing written for a usage error"
+
+
+def test_unknown_subcommand_exits_2():
+    code, answer, _ = run_agent("fly")
+    assert code == 2 and answer["ok"] is False
+
+
+def test_toolchain_qemu_binary_validates():
+    if not os.path.exists(QEMU_X86):
+        pytest.skip("%s is not installed" % QEMU_X86)
+    code, answer, _ = run_agent("toolchain", "qemu", "--binary", QEMU_X86)
+    assert code == 0 and answer["ok"] is True
+    assert answer["path"] == QEMU_X86 and answer["arch"] == "x86_64"
+    assert answer["version"] and answer["version"] in answer["version_line"]
+
+
+def test_toolchain_qemu_binary_rejects_non_qemu(tmp_path):
+    code, answer, _ = run_agent("toolchain", "qemu", "--binary", "/bin/true")
+    assert code == 1 and "no QEMU version" in answer["error"]
+
+
+# --------------------------------------------------------------------------- probe (stand-ins)
+
+def write_script(path: Path, text: str) -> Path:
+    """Write an executable shell script."""
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return path
+
+
+def test_probe_writes_atomically_and_never_overwrites(tmp_path):
+    """A stand-in for qemucapsprobe that echoes its argument; a second run must not overwrite."""
+    fake = write_script(tmp_path / "fakeprobe", 'echo "{\\"probed\\": \\"$1\\"}"\necho oops >&2\n')
+    out = tmp_path / "out.replies"
+    code, answer, stderr = run_agent("probe", "--probe", str(fake), "--qemu", "/bin/true",
+                                     "--out", str(out))
+    assert code == 0, answer
+    assert answer["ok"] and not answer["timed_out"] and answer["exit_status"] == 0
+    assert out.read_text() == '{"probed": "/bin/true"}\n'
+    assert answer["size"] == out.stat().st_size
+    assert answer["stderr_tail"] == ["oops"]
+    assert "progress:" in stderr
+    import hashlib
+    assert answer["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+    out.write_text("precious\n")
+    code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", "/bin/true",
+                                "--out", str(out))
+    assert code == 2 and "--out" in answer["error"]
+    assert out.read_text() == "precious\n"
+
+    code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", "/bin/true",
+                                "--out", str(out), "--force")
+    assert code == 0 and out.read_text().startswith('{"probed"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakeprobe", "out.replies"]
+
+
+def test_probe_failure_leaves_no_file(tmp_path):
+    """A stand-in for qemucapsprobe that prints something and then fails."""
+    fake = write_script(tmp_path / "fakeprobe", "echo partial\necho 'cannot probe' >&2\nexit 3\n")
+    out = tmp_path / "out.replies"
+    code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", "/bin/true",
+                                "--out", str(out))
+    assert code == 1 and answer["ok"] is False
+    assert answer["exit_status"] == 3 and "status 3" in answer["error"]
+    assert answer["stderr_tail"] == ["cannot probe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fakeprobe"]
+
+
+def test_probe_empty_output_is_a_failure(tmp_path):
+    fake = write_script(tmp_path / "fakeprobe", "exit 0\n")
+    code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", "/bin/true",
+                                "--out", str(tmp_path / "out.replies"))
+    assert code == 1 and "no output" in answer["error"]
+    assert not (tmp_path / "out.replies").exists()
+
+
+def test_probe_timeout_kills_group_and_daemonized_qemu(tmp_path):
+    """A stand-in for qemucapsprobe: it starts a real QEMU with -daemonize (as libvirt does;
+    QEMU then leaves our process group with setsid) and hangs.  On timeout the agent must kill
+    the whole process group and the daemonized QEMU, and write no output file."""
+    if not os.path.exists(QEMU_X86):
+        pytest.skip("%s is not installed" % QEMU_X86)
+    pidfile = tmp_path / "qemu.pid"
+    shpidfile = tmp_path / "sh.pid"
+    fake = write_script(tmp_path / "fakeprobe", (
+        'echo $$ > "{sh}"\n'
+        '"$1" -daemonize -display none -S -machine none -nodefaults -pidfile "{pid}" || exit 9\n'
+        'cp "{pid}" "{pid}.saved"\n'  # QEMU removes its pidfile when it exits
+        'echo "{{\\"started\\": true}}"\n'
+        'sleep 600\n').format(sh=shpidfile, pid=pidfile))
+    out = tmp_path / "out.replies"
+    started = time.monotonic()
+    code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", QEMU_X86,
+                                "--out", str(out), "--timeout", "3")
+    assert code == 1, answer
+    assert answer["timed_out"] is True and answer["ok"] is False
+    assert "timed out" in answer["error"]
+    assert answer["leftover_pids"] == []
+    assert time.monotonic() - started < 30
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.replies")]
+    qemu_pid = int((tmp_path / "qemu.pid.saved").read_text())
+    assert not pid_alive(qemu_pid), "daemonized QEMU %d survived" % qemu_pid
+    assert not pid_alive(int(shpidfile.read_text())), "stand-in probe survived"
+
+
+# --------------------------------------------------------------------------- real build + probe
+
+@pytest.mark.slow
+def test_toolchain_libvirt_debian_build_and_real_probe(probe_cache, tmp_path):
+    """Build qemucapsprobe from Debian's libvirt 11.3.0 source (cached across runs), probe the
+    system QEMU for x86_64 with it, and get a cached answer the second time."""
+    code, built, stderr = run_agent("toolchain", "libvirt", "--source", LIBVIRT_DEBIAN,
+                                    "--cache", str(probe_cache), timeout=3600)
+    assert code == 0, (built, stderr[-3000:])
+    assert built["ok"] is True
+    assert built["libvirt_version"] == "11.3.0"
+    assert built["commit"] is None and built["source"] == LIBVIRT_DEBIAN
+    probe = Path(built["probe"])
+    assert probe.is_absolute() and probe.name == "qemucapsprobe" and os.access(probe, os.X_OK)
+    assert str(probe).startswith(built["build_dir"])
+    assert (Path(built["build_dir"]) / "tests" / "libqemucapsprobemock.so").is_file()
+    if not built["cached"]:
+        assert "progress: ninja:" in stderr
+
+    again_code, again, _ = run_agent("toolchain", "libvirt", "--source", LIBVIRT_DEBIAN,
+                                     "--cache", str(probe_cache))
+    assert again_code == 0 and again["cached"] is True
+    assert again["probe"] == built["probe"]
+
+    _, facts, _ = run_agent("facts", "--cache", str(probe_cache))
+    assert any(p["path"] == built["probe"] and p["libvirt_version"] == "11.3.0"
+               for p in facts["probes"])
+
+    if not os.path.exists(QEMU_X86):
+        pytest.skip("%s is not installed" % QEMU_X86)
+    out = tmp_path / "caps_x86_64.replies"
+    code, answer, _ = run_agent("probe", "--probe", built["probe"], "--qemu", QEMU_X86,
+                                "--out", str(out), "--timeout", "300", timeout=400)
+    assert code == 0, answer
+    assert answer["ok"] and answer["exit_status"] == 0 and not answer["timed_out"]
+    text = out.read_text()
+    first = json.loads(text.split("\n\n", 1)[0])
+    assert first == {"execute": "qmp_capabilities", "id": "libvirt-1"}
+    assert '"execute": "query-kvm"' in text
+    assert answer["size"] == len(text.encode())
+    if kvm_usable():  # an accelerated probe has a second, TCG-only session
+        assert text.count('"execute": "qmp_capabilities"') >= 2
