@@ -157,7 +157,11 @@ class Host(BaseModel):
     transport: Literal["ssh", "local"] = Field("ssh", description="ssh, or local for this machine")
     address: str | None = Field(None, description="hostname or IP address (ssh)")
     port: int = Field(22, ge=1, le=65535, description="SSH port")
-    user: str = Field("farm", description="SSH user")
+    user: str | None = Field(
+        None,
+        description="the user the agent runs as: SSH user (default farm); for local hosts "
+        "the user running farm unless set (then farm runs the agent with runuser, as root)",
+    )
     host_key: str | None = Field(None, description="pinned SSH host public key, 'ssh-ed25519 AAAA...'")
     known_hosts: Path | None = Field(None, description="known_hosts file to check the host key against instead")
     identity_file: Path | None = Field(None, description="SSH private key (default: the SSH agent / ~/.ssh)")
@@ -223,6 +227,8 @@ class Host(BaseModel):
                     "required for transport 'ssh' (pin it: ssh-keyscan -t ed25519 ADDRESS), "
                     "unless defaults.known_hosts names a known_hosts file",
                 )
+            if self.user is None:
+                object.__setattr__(self, "user", "farm")
         return self
 
     def produces(self, arch: Architecture, variant: str | None = None) -> bool:

@@ -106,9 +106,9 @@ def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | No
         provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
         qemu = _qemu(agent, host, facts, job, say)
         provenance["qemu"] = qemu
-        with tempfile.TemporaryDirectory(prefix="farm-job-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="farm-job-") as tmp, agent.transport.scratch() as scratch:
             local = Path(tmp) / str(job.name)
-            remote = _remote_out(agent, host, job, local)
+            remote = f"{scratch}/{job.name}"
             say(f"probing {qemu['path']}")
             probe = agent.probe(libvirt["probe"], qemu["path"], remote, job.probe_timeout)
             provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
@@ -167,12 +167,6 @@ def _qemu(agent: Agent, host, facts: dict, job: Job, say) -> dict:
         "version_line": info.get("version_line"),
         "origin": origin,
     }
-
-
-def _remote_out(agent: Agent, host, job: Job, local: Path) -> str:
-    if host.transport == "local":
-        return str(local)
-    return f"{agent.cache}/out/{job.id}/{job.name}"
 
 
 def _judge(job: Job, record: JobRecord, path: Path, facts: dict, provenance: dict) -> DumpName:

@@ -9,6 +9,7 @@ distributed farm.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,11 +41,15 @@ class Transport(Protocol):
 
     def get(self, remote: str, local: Path) -> None: ...
 
+    def scratch(self) -> AbstractContextManager[str]:
+        """A new directory on the host that the agent can write into, removed afterwards."""
+        ...
+
 
 def transport_for(host) -> Transport:
     """The transport of an inventory host."""
     if host.transport == "local":
         from farm.hosts.local import LocalTransport
 
-        return LocalTransport(host.name)
+        return LocalTransport(host.name, host.user)
     raise HostError(f"host {host.name!r}: transport {host.transport!r} is not available yet (only 'local')")

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from farm.hosts import Completed, HostError
 
 
 class LocalTransport:
-    def __init__(self, name: str = "local"):
+    """Runs on this machine, as ``user`` (via runuser, needs root) when it is another user."""
+
+    def __init__(self, name: str = "local", user: str | None = None):
         self.name = name
+        self.user = user if user and user != pwd.getpwuid(os.geteuid()).pw_name else None
+        if self.user:
+            try:
+                self._uid = pwd.getpwnam(self.user).pw_uid
+            except KeyError:
+                raise HostError(f"host {name!r}: no local user {self.user!r}") from None
+            if os.geteuid() != 0:
+                raise HostError(f"host {name!r}: running the agent as {self.user!r} needs root")
 
     def run(
         self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None
     ) -> Completed:
+        if self.user:
+            argv = ["runuser", "-u", self.user, "--", *argv]
         try:
             proc = subprocess.Popen(
                 argv,
@@ -59,6 +74,16 @@ class LocalTransport:
     def put(self, local: Path, remote: str) -> None:
         if Path(local).resolve() != Path(remote).resolve():
             shutil.copyfile(local, remote)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[str]:
+        path = tempfile.mkdtemp(prefix="farm-scratch-")
+        try:
+            if self.user:
+                os.chown(path, self._uid, -1)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def get(self, remote: str, local: Path) -> None:
         if Path(remote).resolve() != Path(local).resolve():
