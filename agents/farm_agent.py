@@ -260,7 +260,9 @@ def new_work_dir(area: str, key: str) -> str:
     """A fresh, uniquely named directory under AREA/.work for building KEY."""
     base = os.path.join(area, ".work")
     os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(prefix=key + "-", dir=base)
+    work = tempfile.mkdtemp(prefix=key + "-", dir=base)
+    os.chmod(work, 0o755)  # published builds are shared read-only with other users of the cache
+    return work
 
 
 @contextlib.contextmanager
@@ -626,6 +628,9 @@ def cmd_toolchain_libvirt(args: argparse.Namespace) -> Dict:
     plan = libvirt_source_plan(args, cache)
     area = os.path.join(cache, "libvirt")
     entry = os.path.join(area, plan["key"])
+    meta = read_entry_meta(entry)  # a published build needs no lock (nor write access)
+    if meta and is_executable_file(meta.get("probe", "")):
+        return entry_result(meta, True, time.monotonic() - started)
     with file_lock(entry + ".lock"):
         meta = read_entry_meta(entry)
         if meta and is_executable_file(meta.get("probe", "")):

@@ -21,11 +21,11 @@ OK, FINDINGS, USAGE = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
+    if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return USAGE
     try:
-        return args.run(args)
+        return args.func(args)
     except FarmError as e:
         print(f"farm: {e}", file=sys.stderr)
         return USAGE
@@ -432,12 +432,12 @@ def _parser() -> argparse.ArgumentParser:
     def command(parent, name, func, help_):
         p = parent.add_parser(name, help=help_, description=help_)
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        p.set_defaults(run=func)
+        p.set_defaults(func=func)
         return p
 
     def group(name, help_):
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(run=lambda args: (p.print_help(sys.stderr), USAGE)[1])
+        p.set_defaults(func=lambda args: (p.print_help(sys.stderr), USAGE)[1])
         return p.add_subparsers(metavar="ACTION")
 
     rsub = group("replies", "validate, inspect, format and compare .replies dumps")
