@@ -460,7 +460,10 @@ def cmd_facts(args: argparse.Namespace) -> Dict:
     cache = resolve_cache(args.cache)
     uname = os.uname()
     qemus = []
+    targets = set(args.target or [])
     for path, arch in qemu_candidates(cache):
+        if targets and arch not in targets:
+            continue
         item = {"path": path, "arch": arch}
         item.update(qemu_version(path))
         qemus.append(item)
@@ -1056,6 +1059,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     facts = sub.add_parser("facts", help="describe this host")
     facts.add_argument("--cache", help="cache dir (default $FARM_AGENT_CACHE or ~/.cache/farm-agent)")
+    facts.add_argument("--target", action="append",
+                       help="only report qemu-system-TARGET binaries (repeatable; default: all)")
 
     toolchain = sub.add_parser("toolchain", help="prepare qemucapsprobe or QEMU")
     what = toolchain.add_subparsers(dest="what", parser_class=JsonArgumentParser)

@@ -98,7 +98,7 @@ def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | No
     try:
         agent = Agent(transport_for(host), host, say)
         say("agent facts")
-        facts = agent.facts()
+        facts = agent.facts(Architecture.parse(job.arch).qemu_target)
         provenance["host"]["facts"] = facts
         _check_host(host, facts)
         say(f"toolchain: libvirt {host.toolchain.libvirt}")
@@ -146,10 +146,10 @@ def _qemu(agent: Agent, host, facts: dict, job: Job, say) -> dict:
     source = host.toolchain.qemu_source
     target = Architecture.parse(job.arch).qemu_target
     if source.kind == "system":
-        found = [q for q in facts.get("qemu", []) if q.get("arch") == target]
+        found = [q for q in facts.get("qemu", []) if q.get("arch") == target and q.get("version")]
         if not found:
-            raise HostError(f"host {host.name!r}: no qemu-system-{target} on PATH")
-        info = agent.qemu_binary(found[0]["path"])
+            raise HostError(f"host {host.name!r}: no working qemu-system-{target} on PATH")
+        info = found[0]
         origin = "system"
     elif source.kind == "binary":
         info = agent.qemu_binary(source.location)

@@ -62,8 +62,9 @@ class Agent:
         if self.progress and line.startswith("progress: "):
             self.progress(line[len("progress: "):])
 
-    def facts(self) -> dict:
-        return self.call("facts", "--cache", self.cache)
+    def facts(self, target: str | None = None) -> dict:
+        """Host facts; with ``target`` only that qemu-system-TARGET is looked at (faster)."""
+        return self.call("facts", "--cache", self.cache, *(["--target", target] if target else []))
 
     def libvirt(self, source: str) -> dict:
         """Prepare (or find cached) qemucapsprobe from ``debian:VERSION`` or ``git:URL@REF``."""
