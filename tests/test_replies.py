@@ -73,6 +73,8 @@ def _damaged_copies(source: Path, tmp_path: Path) -> dict[str, Path]:
         "garbage-appended": text + "garbage\n",
         "schema-extra-key": text.replace(schema, schema + '\n      "x-unhandled": "yes",', 1),
         "reindented": text.replace('\n  "execute"', '\n   "execute"', 1),
+        "blank-line-doubled": text.replace("\n\n", "\n\n\n", 1),
+        "no-final-newline": text[:-1],
     }
     out = {}
     for what, body in damages.items():
@@ -92,6 +94,8 @@ def _damaged_copies(source: Path, tmp_path: Path) -> dict[str, Path]:
         ("garbage-appended", "invalid JSON"),
         ("schema-extra-key", "unhandled key 'x-unhandled'"),
         ("reindented", "not in the current layout"),
+        ("blank-line-doubled", "extra blank line"),
+        ("no-final-newline", "missing final newline"),
     ],
 )
 def test_damaged_copies_are_rejected_with_file_line_reasons(data11, tmp_path, capsys, damage, message):

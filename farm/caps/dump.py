@@ -237,30 +237,11 @@ def _parse_canonical(text: str, path: str, layout: Layout) -> Dump:
 
 
 def _parse_slow(text: str, path: str) -> Dump:
-    problems: list[Problem] = []
     if not text:
         return Dump(path, [], None, [Problem(1, "empty file")])
+    chunks, problems = _chunks(text)
     objects: list[tuple[int, str, object]] = []  # (line, text, parsed)
-    lines = text.split("\n")
-    start, buf = 1, []
-    for number, line in enumerate(lines, 1):
-        if line == "" and (buf or number < len(lines)):
-            if not buf:
-                problems.append(Problem(number, "extra blank line (objects are separated by exactly one)"))
-            else:
-                chunk = "\n".join(buf)
-                try:
-                    objects.append((start, chunk, json.loads(chunk)))
-                except json.JSONDecodeError as e:
-                    problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})", "json"))
-                    return Dump(path, [], None, problems)
-                buf = []
-            start = number + 1
-        elif line != "":
-            buf.append(line)
-    if buf:
-        problems.append(Problem(len(lines), "missing final newline"))
-        chunk = "\n".join(buf)
+    for start, chunk in chunks:
         try:
             objects.append((start, chunk, json.loads(chunk)))
         except json.JSONDecodeError as e:
@@ -293,6 +274,30 @@ def _parse_slow(text: str, path: str) -> Dump:
             if len(problems) >= MAX_PROBLEMS:
                 break
     return Dump(path, exchanges, layout, problems)
+
+
+def _chunks(text: str) -> tuple[list[tuple[int, str]], list[Problem]]:
+    """The blank-line separated objects with their first lines, and separator problems."""
+    problems: list[Problem] = []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    else:
+        problems.append(Problem(len(lines), "missing final newline"))
+    chunks: list[tuple[int, str]] = []
+    start, buf = 1, []
+    for number, line in enumerate(lines, 1):
+        if line:
+            start = start if buf else number
+            buf.append(line)
+        elif buf:
+            chunks.append((start, "\n".join(buf)))
+            buf = []
+        else:
+            problems.append(Problem(number, "extra blank line (objects are separated by exactly one)"))
+    if buf:
+        chunks.append((start, "\n".join(buf)))
+    return chunks, problems
 
 
 def _closest_layout(objects: list[tuple[int, str, object]]) -> Layout:
