@@ -4,7 +4,7 @@
 One stdlib-only file (Python >= 3.9), copied to hosts of any arch and distro and
 run as an unprivileged user (in the kvm group).  Subcommands:
 
-  facts      [--cache DIR]
+  facts      [--cache DIR] [--target ARCH]...
   toolchain  libvirt --source debian:VERSION|git:URL@REF|tarball:PATH
                      [--tarball PATH] [--cache DIR] [--jobs N]
   toolchain  qemu --binary PATH
@@ -616,10 +616,15 @@ def fetch_libvirt_source(plan: Dict, cache: str, work: str) -> str:
     return src
 
 
-def entry_result(meta: Dict, cached: bool, seconds: float) -> Dict:
-    """The toolchain libvirt answer for a cache entry's metadata."""
-    result = {"ok": True, "cached": cached, "seconds": round(seconds, 3)}
-    for key in ("probe", "mock", "build_dir", "libvirt_version", "commit", "source", "key"):
+def entry_result(meta: Dict, source: str, cached: bool, seconds: float) -> Dict:
+    """The toolchain libvirt answer for a cache entry's metadata.
+
+    "source" is the one asked for; "built_from" the one recorded at build time (for git
+    they may differ in URL or ref while naming the same commit).
+    """
+    result = {"ok": True, "cached": cached, "seconds": round(seconds, 3), "source": source,
+              "built_from": meta.get("source")}
+    for key in ("probe", "mock", "build_dir", "libvirt_version", "commit", "key"):
         result[key] = meta.get(key)
     return result
 
@@ -633,11 +638,11 @@ def cmd_toolchain_libvirt(args: argparse.Namespace) -> Dict:
     entry = os.path.join(area, plan["key"])
     meta = read_entry_meta(entry)  # a published build needs no lock (nor write access)
     if meta and is_executable_file(meta.get("probe", "")):
-        return entry_result(meta, True, time.monotonic() - started)
+        return entry_result(meta, args.source, True, time.monotonic() - started)
     with file_lock(entry + ".lock"):
         meta = read_entry_meta(entry)
         if meta and is_executable_file(meta.get("probe", "")):
-            return entry_result(meta, True, time.monotonic() - started)
+            return entry_result(meta, args.source, True, time.monotonic() - started)
         with building(area, plan["key"]) as work:
             src = fetch_libvirt_source(plan, cache, work)
             build = os.path.join(work, "build")
@@ -654,7 +659,7 @@ def cmd_toolchain_libvirt(args: argparse.Namespace) -> Dict:
             write_json_atomic(os.path.join(work, META_NAME), meta)
             publish_entry(entry, work)
     progress("published %s" % entry)
-    return entry_result(meta, False, time.monotonic() - started)
+    return entry_result(meta, args.source, False, time.monotonic() - started)
 
 
 # --------------------------------------------------------------------------- toolchain qemu
@@ -959,61 +964,68 @@ def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated("agent received signal %d" % signum)
 
 
+def run_contained(argv: List[str], cwd: str, stdout: str, stderr: str,
+                  timeout: float) -> Tuple[Optional[int], bool, List[int]]:
+    """Run argv in its own session with a timeout; nothing it started may outlive it.
+
+    Returns (exit status, timed out, pids that could not be killed).
+    """
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                start_new_session=True)
+    status = None
+    try:
+        status = wait_reaping(proc, time.monotonic() + timeout)
+    finally:  # also on Terminated: stop the group and the adopted orphans
+        leftover = kill_tree(proc.pid)
+        if proc.poll() is None:
+            proc.kill()
+        exit_status = proc.wait()
+    return exit_status, status is None, leftover
+
+
 def cmd_probe(args: argparse.Namespace) -> Dict:
     """Run qemucapsprobe QEMU > FILE atomically, with a timeout that leaves no process behind."""
     validate_probe_args(args)
     out = os.path.abspath(args.out)
+    argv = [os.path.abspath(args.probe), os.path.abspath(args.qemu)]
     subreaper = set_child_subreaper()
-    workdir = tempfile.mkdtemp(prefix="farm-probe-")
-    tmp_out = os.path.join(os.path.dirname(out), ".%s.tmp-%s" % (os.path.basename(out),
-                                                                 uuid.uuid4().hex[:8]))
-    err_path = os.path.join(workdir, "stderr")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_terminated)
-    result = {"ok": False, "out": out, "sha256": None, "size": 0, "exit_status": None,
-              "timed_out": False, "probe": os.path.abspath(args.probe),
-              "qemu": os.path.abspath(args.qemu)}  # type: Dict
+    tmp_out = os.path.join(os.path.dirname(out), ".%s.tmp-%s" % (os.path.basename(out),
+                                                                 uuid.uuid4().hex[:8]))
+    workdir = tempfile.mkdtemp(prefix="farm-probe-")
+    err_path = os.path.join(workdir, "stderr")
+    progress("probe: %s %s" % tuple(argv))
     started = time.monotonic()
-    proc = None
     try:
-        with open(tmp_out, "wb") as stdout, open(err_path, "wb") as stderr:
-            progress("probe: %s %s" % (args.probe, args.qemu))
-            proc = subprocess.Popen([result["probe"], result["qemu"]], cwd=workdir,
-                                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                    start_new_session=True)
-            result["exit_status"] = wait_reaping(proc, started + args.timeout)
-            if result["exit_status"] is None:
-                result["timed_out"] = True
-                progress("probe: timed out after %ss" % args.timeout)
+        exit_status, timed_out, leftover = run_contained(argv, workdir, tmp_out, err_path,
+                                                         args.timeout)
+        stderr_tail = tail_lines(err_path)
+        size = os.path.getsize(tmp_out)
+        error = None
+        if timed_out:
+            error = "probe timed out after %ss" % args.timeout
+        elif exit_status != 0:
+            error = "probe exited with status %s" % exit_status
+        elif size == 0:
+            error = "probe exited 0 but produced no output"
+        elif leftover:
+            error = "processes survived the probe: %s" % leftover
+        sha256 = None
+        if error is None:
+            sha256 = sha256_file(tmp_out)
+            place_output(tmp_out, out, args.force)
     finally:
-        if proc is not None:
-            result["leftover_pids"] = kill_tree(proc.pid)
-            if proc.poll() is None:
-                proc.kill()
-            if result["exit_status"] is None:
-                result["exit_status"] = proc.wait()
-        result["seconds"] = round(time.monotonic() - started, 3)
-        result["stderr_tail"] = tail_lines(err_path)
         shutil.rmtree(workdir, ignore_errors=True)
-        if not (result["exit_status"] == 0 and not result["timed_out"]
-                and os.path.exists(tmp_out) and os.path.getsize(tmp_out) > 0):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_out)
-    result["subreaper"] = subreaper
-    if result["timed_out"]:
-        result["error"] = "probe timed out after %ss" % args.timeout
-    elif result["exit_status"] != 0:
-        result["error"] = "probe exited with status %s" % result["exit_status"]
-    elif not os.path.exists(tmp_out):
-        result["error"] = "probe exited 0 but produced no output"
-    else:
-        result["size"] = os.path.getsize(tmp_out)
-        result["sha256"] = sha256_file(tmp_out)
-        place_output(tmp_out, out, args.force)
-        result["ok"] = True
-    if result.get("leftover_pids"):
-        result["ok"] = False
-        result["error"] = "processes survived the probe: %s" % result["leftover_pids"]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_out)
+    result = {"ok": error is None, "out": out, "sha256": sha256, "size": size if sha256 else 0,
+              "seconds": round(time.monotonic() - started, 3), "exit_status": exit_status,
+              "timed_out": timed_out, "stderr_tail": stderr_tail, "leftover_pids": leftover,
+              "subreaper": subreaper, "probe": argv[0], "qemu": argv[1]}
+    if error:
+        result["error"] = error
     return result
 
 

@@ -335,3 +335,58 @@ def test_toolchain_libvirt_debian_build_and_real_probe(probe_cache, tmp_path):
     assert answer["size"] == len(text.encode())
     if kvm_usable():  # an accelerated probe has a second, TCG-only session
         assert text.count('"execute": "qmp_capabilities"') >= 2
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "farm", "GIT_AUTHOR_EMAIL": "farm@example.invalid",
+           "GIT_COMMITTER_NAME": "farm", "GIT_COMMITTER_EMAIL": "farm@example.invalid",
+           "GIT_AUTHOR_DATE": "2025-05-01T00:00:00Z", "GIT_COMMITTER_DATE": "2025-05-01T00:00:00Z"}
+
+
+def local_libvirt_repo(repo: Path, tarball: Path) -> Path:
+    """A git repo of the tarball's tree tagged v11.3.0, kept at a fixed path (so the agent's
+    mirror of it is reused) and made with fixed dates (so its commit id is stable)."""
+    if (repo / ".git").is_dir():
+        return repo
+    tmp = repo.with_name(repo.name + ".tmp-%d" % os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    subprocess.run(["tar", "-xf", str(tarball), "-C", str(tmp), "--strip-components=1"],
+                   check=True)
+    env = dict(os.environ, **GIT_ENV)
+    for argv in (["init", "-q", "-b", "master"], ["add", "-A", "."],
+                 ["commit", "-q", "-m", "libvirt 11.3.0"], ["tag", "v11.3.0"]):
+        subprocess.run(["git", "-C", str(tmp), *argv], check=True, env=env)
+    tmp.rename(repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_toolchain_libvirt_git_source(probe_cache):
+    """Build qemucapsprobe from a git repository (a local one made from the 11.3.0 release
+    tarball, with fixed dates so its commit id, and hence the cache key, is stable)."""
+    if not shutil.which("git"):
+        pytest.skip("git is not installed")
+    code, built, _ = run_agent("toolchain", "libvirt", "--source", LIBVIRT_DEBIAN,
+                               "--cache", str(probe_cache), timeout=3600)
+    assert code == 0, built
+    tarballs = list((probe_cache / "libvirt" / "downloads").glob("*/libvirt_11.3.0.orig.tar.*"))
+    assert tarballs
+    repo = local_libvirt_repo(probe_cache / "test-repos" / "libvirt-11.3.0", tarballs[0])
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "v11.3.0^{commit}"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+
+    source = "git:file://%s@v11.3.0" % repo
+    code, built, stderr = run_agent("toolchain", "libvirt", "--source", source,
+                                    "--cache", str(probe_cache), timeout=3600)
+    assert code == 0, (built, stderr[-3000:])
+    assert built["commit"] == commit and built["key"] == "git-" + commit
+    assert built["libvirt_version"] == "11.3.0" and built["source"] == source
+    assert os.access(built["probe"], os.X_OK)
+
+    code, again, _ = run_agent("toolchain", "libvirt", "--source",
+                               "git:file://%s@%s" % (repo, commit), "--cache", str(probe_cache))
+    assert code == 0 and again["cached"] is True and again["probe"] == built["probe"]
+
+    code, answer, _ = run_agent("toolchain", "libvirt", "--source",
+                                "git:file://%s@no-such-branch" % repo, "--cache", str(probe_cache))
+    assert code == 1 and "no-such-branch" in answer["error"]
