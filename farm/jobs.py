@@ -50,8 +50,14 @@ class Job:
 
     @property
     def name(self) -> DumpName:
-        """The name libvirt gives this job's dump."""
-        return DumpName(QemuVersion.parse(self.qemu), Architecture.parse(self.arch), self.variant)
+        """The name libvirt gives this job's dump (a release X.Y.Z is filed under X.Y.0)."""
+        version = QemuVersion.parse(self.qemu)
+        return DumpName(QemuVersion(version.major, version.minor), Architecture.parse(self.arch), self.variant)
+
+    def wants(self, actual: QemuVersion) -> bool:
+        """Is a QEMU reporting ``actual`` the one asked for? X.Y.0 asks for any X.Y.z; X.Y.Z for exactly it."""
+        asked = QemuVersion.parse(self.qemu)
+        return actual == asked if asked.micro else asked in actual.release_names()
 
 
 class _Ended(Exception):
@@ -175,7 +181,7 @@ def _judge(job: Job, record: JobRecord, path: Path, facts: dict, provenance: dic
     name = job.name
     inspection = inspect(d, name)
     version = inspection.facts.qemu_version
-    if version is not None and name.version not in version.release_names():
+    if version is not None and not job.wants(version):
         name = DumpName(version.release_names()[0], name.arch, name.variant)
         inspection = inspect(d, name)
         record.status = "wrong-version"
