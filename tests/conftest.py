@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-CACHE = Path(
-    os.environ.get("FARM_CACHE") or ("/var/cache/farm" if os.geteuid() == 0 else Path.home() / ".cache" / "farm")
-)
+pytest_plugins = ["tests.libvirt_worktree"]
+
+from tests.paths import CACHE
 SOURCES = CACHE / "src"
 
 

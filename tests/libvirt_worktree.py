@@ -27,13 +27,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import CACHE
+
 VERSION = "11.3.0"
 PRISTINE_MESSAGE = f"libvirt {VERSION} (pristine)"
 PRISTINE_TAG = "pristine"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FARM_CACHE", Path.home() / ".cache" / "farm"))
+    return CACHE
 
 
 def _git(tree: Path, *args: str) -> str:

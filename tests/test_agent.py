@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.paths import CACHE
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "agents" / "farm_agent.py"
 QEMU_X86 = "/usr/bin/qemu-system-x86_64"
@@ -56,9 +58,8 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def probe_cache() -> Path:
-    """The shared build cache for qemucapsprobe ($FARM_CACHE or ~/.cache/farm, subdir agent)."""
-    base = Path(os.environ.get("FARM_CACHE") or Path.home() / ".cache" / "farm")
-    path = base / "agent"
+    """The shared build cache for qemucapsprobe ($FARM_CACHE/agent)."""
+    path = CACHE / "agent"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

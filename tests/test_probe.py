@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CACHE
+from tests.paths import CACHE
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from farm.caps import dump
-from tests.conftest import CACHE
+from tests.paths import CACHE
 from tests.test_probe import env, farm, needs_kvm  # noqa: F401  (env is a fixture)
 
 TARBALL = CACHE / "src" / "qemu_10.2.2+ds.orig.tar.xz"

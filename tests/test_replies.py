@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from farm.caps import dump
-from farm.caps.inspect import Verdict, inspect
 from farm.caps.names import DumpName, Scheme
 from farm.cli import main as farm
 
