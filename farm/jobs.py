@@ -12,10 +12,12 @@ does not validate), ``wrong-version`` (QEMU is not the release asked for),
 
 from __future__ import annotations
 
+import base64
 import os
 import platform
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,38 +71,73 @@ class _Ended(Exception):
         self.reasons = list(reasons)
 
 
-def execute(job: Job, hosts: list, ledger: Ledger, progress: Callable[[str], None] | None = None,
-            attempt: Callable | None = None) -> JobRecord:
-    """Run a job on the first host that can do it, trying the next host of the
-    same arch after an infrastructure failure; record the end once.
+@dataclass
+class Outcome:
+    """What one job produced: how it ended and, if a probe ran, the dump and its libvirt name."""
 
-    ``attempt(job, host, ledger, progress)`` runs one attempt (default
-    ``run_job``); dispatchers wrap it, e.g. to hold a host's job slot.
+    record: JobRecord
+    dump: str | None = None
+    name: str | None = None
+
+    def to_json(self) -> dict:
+        """For the wire (Celery results): the dump travels compressed."""
+        r = self.record
+        return {
+            "record": {k: getattr(r, k) for k in JobRecord.__dataclass_fields__},
+            "dump": base64.b64encode(zlib.compress(self.dump.encode())).decode() if self.dump is not None else None,
+            "name": self.name,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Outcome:
+        dump = zlib.decompress(base64.b64decode(data["dump"])).decode() if data.get("dump") else None
+        return cls(JobRecord(**data["record"]), dump, data.get("name"))
+
+
+def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
+            attempt: Callable | None = None) -> Outcome:
+    """Run a job on the first host that can do it, trying the next host of the
+    same arch after an infrastructure failure.
+
+    ``attempt(job, host, progress)`` runs one attempt (default ``run_job``);
+    dispatchers wrap it, e.g. to hold a host's job slot.
     """
     attempt = attempt or run_job
     say = progress or (lambda message: None)
     if not hosts:
+        what = job.arch + (f"+{job.variant}" if job.variant else "")
         record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
-        record.reasons = [f"no host in the inventory can probe {job.arch}" + (f"+{job.variant}" if job.variant else "")]
-        return ledger.finish_job(record)
+        record.reasons = [f"no host can probe {what}"]
+        return Outcome(record)
     tried = []
     for host in hosts:
-        record = attempt(job, host, ledger, lambda m, h=host.name: say(f"{h}: {m}"))
-        tried.append(f"{host.name}: {'; '.join(record.reasons)}")
-        if record.status not in RETRYABLE:
+        outcome = attempt(job, host, lambda m, h=host.name: say(f"{h}: {m}"))
+        tried.append(f"{host.name}: {'; '.join(outcome.record.reasons)}")
+        if outcome.record.status not in RETRYABLE:
             break
-        say(f"{host.name}: {record.status}")
-    if record.status in RETRYABLE and len(tried) > 1:
-        record.reasons = [f"all {len(tried)} hosts of {job.arch} failed"] + tried
-    return ledger.finish_job(record)
+        say(f"{host.name}: {outcome.record.status}")
+    if outcome.record.status in RETRYABLE and len(tried) > 1:
+        outcome.record.reasons = [f"all {len(tried)} hosts of {job.arch} failed"] + tried
+    return outcome
 
 
-def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | None = None) -> JobRecord:
-    """Probe ``job`` on ``host`` once and return how it ended (not yet recorded as final)."""
+def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
+    """Keep an outcome: the dump in the artifact store, the job's end in the ledger (once)."""
+    r = outcome.record
+    if outcome.dump is not None and outcome.name:
+        with tempfile.TemporaryDirectory(prefix="farm-store-") as tmp:
+            path = Path(tmp) / outcome.name
+            path.write_text(outcome.dump, encoding="utf-8")
+            r.artifact = str(ledger.store_artifact(r.run, r.id, outcome.name, path, r.provenance or {}))
+    return ledger.finish_job(r)
+
+
+def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Outcome:
+    """Probe ``job`` on ``host`` once and return how it ended (nothing recorded)."""
     say = progress or (lambda message: None)
     record = JobRecord(job.id, job.run, job.arch, job.variant, host.name, started=time.time())
-    ledger.start_job(job.id, host.name)
     provenance: dict = {"job": job.id, "host": {"name": host.name, "arch": host.arch.value}}
+    outcome = Outcome(record)
     try:
         agent = Agent(transport_for(host), host, say)
         say("agent facts")
@@ -124,9 +161,8 @@ def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | No
                 tail = (probe.get("stderr_tail") or "").strip().splitlines()[-3:]
                 raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail))
             agent.transport.get(remote, local)
-            stored_as = _judge(job, record, local, facts, provenance)
-            say("storing")
-            record.artifact = str(ledger.store_artifact(job.run, job.id, str(stored_as), local, provenance))
+            outcome.name = str(_judge(job, record, local, facts, provenance))
+            outcome.dump = local.read_text(encoding="utf-8")
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except HostError as e:
@@ -134,7 +170,7 @@ def run_job(job: Job, host, ledger: Ledger, progress: Callable[[str], None] | No
     record.finished = time.time()
     provenance["timings"] = {"started": record.started, "finished": record.finished}
     record.provenance = provenance
-    return record
+    return outcome
 
 
 def _check_host(host, facts: dict) -> None:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from farm.jobs import Job, execute, run_job
+from farm.jobs import Job, execute, keep, run_job
 from farm.ledger import JobRecord, Ledger
 
 
@@ -23,13 +23,25 @@ def dispatch(
         for host in hosts:
             slots.setdefault(host.name, threading.BoundedSemaphore(host.max_jobs))
 
-    def attempt(job, host, ledger, say):
+    busy: dict[str, int] = {name: 0 for name in slots}
+    lock = threading.Lock()
+
+    def attempt(job, host, say):
         with slots[host.name]:
-            return run_job(job, host, ledger, say)
+            with lock:
+                busy[host.name] += 1
+            ledger.start_job(job.id, host.name)
+            try:
+                return run_job(job, host, say)
+            finally:
+                with lock:
+                    busy[host.name] -= 1
 
     def one(job: Job, hosts: list) -> JobRecord:
-        ordered = sorted(hosts, key=lambda h: -slots[h.name]._value)  # the least busy first
-        return execute(job, ordered, ledger, lambda m: progress and progress(job.id, m), attempt)
+        with lock:
+            ordered = sorted(hosts, key=lambda h: busy[h.name] / h.max_jobs)  # the least busy first
+        outcome = execute(job, ordered, lambda m: progress and progress(job.id, m), attempt)
+        return keep(ledger, outcome)
 
     if not work:
         return []
