@@ -2,12 +2,14 @@
 
 A transport runs an argument list (never a shell string built from values)
 with a timeout, streaming stderr lines to a callback, and copies files.
-``local`` runs on this machine; ``ssh`` (paramiko) arrives with the
-distributed farm.
+``local`` runs on this machine; ``ssh`` (paramiko) on a host reached over
+SSH with a pinned host key.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -46,10 +48,28 @@ class Transport(Protocol):
         ...
 
 
+_ssh_pool: dict[tuple, Transport] = {}
+_ssh_pool_lock = threading.Lock()
+
+
 def transport_for(host) -> Transport:
-    """The transport of an inventory host."""
+    """The transport of an inventory host.
+
+    SSH transports are shared per host within a process (one connection,
+    reused by every job on that host; a forked child opens its own).
+    """
     if host.transport == "local":
         from farm.hosts.local import LocalTransport
 
         return LocalTransport(host.name, host.user)
-    raise HostError(f"host {host.name!r}: transport {host.transport!r} is not available yet (only 'local')")
+    if host.transport == "ssh":
+        from farm.hosts.ssh import SSHTransport
+
+        key = (os.getpid(), host.name, host.address, host.port, host.user, host.host_key,
+               host.known_hosts, host.identity_file)
+        with _ssh_pool_lock:
+            transport = _ssh_pool.get(key)
+            if transport is None:
+                transport = _ssh_pool[key] = SSHTransport(host)
+            return transport
+    raise HostError(f"host {host.name!r}: unknown transport {host.transport!r} (ssh or local)")
