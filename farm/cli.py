@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from farm.errors import FarmError
+from farm.errors import FarmError, UsageError
 
 OK, FINDINGS, USAGE = 0, 1, 2
 
@@ -247,7 +247,7 @@ def cmd_probe(args) -> int:
     ledger = Ledger(settings().state_dir)
     with _JobProgress(enabled=not args.quiet) as progress:
         record = probe(
-            inventory, args.qemu, args.arch, ledger, args.variant, args.timeout,
+            inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=_broker(args),
             progress=progress.update, on_start=progress.start,
         )
     if args.json:
@@ -255,6 +255,44 @@ def cmd_probe(args) -> int:
     else:
         _print_run(record)
     return OK if all(j.status == "ok" for j in record.jobs) else FINDINGS
+
+
+def cmd_runs_resume(args) -> int:
+    from farm.config import settings
+    from farm.inventory import resolve_inventory
+    from farm.ledger import Ledger
+    from farm.run import resume
+
+    ledger = Ledger(settings().state_dir)
+    inventory = resolve_inventory(args.inventory or ledger.run(args.run).inventory_path)
+    with _JobProgress(enabled=not args.quiet) as progress:
+        record = resume(ledger, args.run, inventory, _broker(args), progress.update, progress.start)
+    if args.json:
+        _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs]})
+    else:
+        _print_run(record)
+    return OK if all(j.status == "ok" for j in record.jobs) else FINDINGS
+
+
+def cmd_worker(args) -> int:
+    from farm.dispatch.distributed import make_app, serve
+    from farm.inventory import resolve_inventory
+
+    broker = _broker(args)
+    if not broker:
+        raise UsageError("farm worker needs a broker: --broker URL or FARM_BROKER_URL")
+    inventory = resolve_inventory(args.inventory)
+    hosts = [inventory.host(name.strip()) for name in args.hosts.split(",") if name.strip()]
+    if not hosts:
+        raise UsageError("--hosts: name at least one host of the inventory")
+    serve(make_app(broker), hosts, args.loglevel)
+    return OK
+
+
+def _broker(args) -> str | None:
+    from farm.config import settings
+
+    return getattr(args, "broker", None) or settings().broker
 
 
 def cmd_runs_list(args) -> int:
@@ -470,10 +508,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
+
+    p = command(sub, "worker", cmd_worker, "serve hosts' jobs from the broker (a Celery worker)")
+    p.add_argument("--hosts", required=True, metavar="NAME,...", help="the inventory hosts this worker drives")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
+    p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
 
     rsub = group("runs", "the ledger of runs and their jobs")
     p = command(rsub, "list", cmd_runs_list, "recent runs")
     p.add_argument("--limit", type=int, default=20)
     p = command(rsub, "show", cmd_runs_show, "one run: its jobs, verdicts, artifacts")
     p.add_argument("run", type=int, metavar="RUN")
+    p = command(rsub, "resume", cmd_runs_resume, "finish a run's unfinished jobs (after an interruption)")
+    p.add_argument("run", type=int, metavar="RUN")
+    p.add_argument("--inventory", metavar="FILE", help="default: the run's own inventory")
+    p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser

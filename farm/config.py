@@ -37,6 +37,19 @@ class Settings(BaseSettings):
         None,
         description="Celery broker, e.g. redis://coordinator:6379/0; unset: jobs run embedded, in threads.",
     )
+    job_time_limit: int = Field(
+        4 * 3600,
+        ge=60,
+        description="Seconds a distributed job may take, toolchain builds included (Celery's hard time limit).",
+    )
+    visibility_timeout: int | None = Field(
+        None,
+        description="Seconds before Redis redelivers a job whose worker vanished "
+        "(default: the job time limit plus 10 minutes; must be above it).",
+    )
+    max_retries: int = Field(
+        3, ge=0, description="Times a job is handed to another host of its arch after an infrastructure failure."
+    )
     libvirt_checkout: Path | None = Field(
         None, description="The libvirt git checkout that dumps are published into."
     )
@@ -59,6 +72,18 @@ class Settings(BaseSettings):
         if value == "":
             return None
         return Path(os.path.expanduser(value)) if isinstance(value, (str, Path)) else value
+
+    @property
+    def redelivery_after(self) -> int:
+        """Redis' visibility timeout: above the job time limit, or a job still running would run twice."""
+        if self.visibility_timeout is None:
+            return self.job_time_limit + 600
+        if self.visibility_timeout <= self.job_time_limit:
+            raise UsageError(
+                f"FARM_VISIBILITY_TIMEOUT ({self.visibility_timeout}) must be above FARM_JOB_TIME_LIMIT "
+                f"({self.job_time_limit})"
+            )
+        return self.visibility_timeout
 
     @property
     def broker(self) -> str | None:

@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     variant TEXT,
     inventory TEXT,
     mode TEXT NOT NULL DEFAULT 'embedded',
+    timeout REAL,
     status TEXT NOT NULL DEFAULT 'running',
     created REAL NOT NULL,
     finished REAL
@@ -102,7 +103,15 @@ class RunRecord:
     status: str
     created: float
     finished: float | None
+    timeout: float | None = None
     jobs: list[JobRecord] = field(default_factory=list)
+
+    @property
+    def inventory_path(self) -> str | None:
+        """The inventory file of the run; None for the built-in one."""
+        if self.inventory is None or self.inventory.endswith("(built-in)"):
+            return None
+        return self.inventory
 
     def to_json(self) -> dict:
         return {
@@ -127,6 +136,9 @@ class Ledger:
         self.path = self.state_dir / "ledger.sqlite"
         with self._db() as db:
             db.executescript(SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
+            if "timeout" not in columns:  # ledgers from before runs kept their probe timeout
+                db.execute("ALTER TABLE runs ADD COLUMN timeout REAL")
 
     @contextmanager
     def _db(self):
@@ -141,13 +153,20 @@ class Ledger:
 
     # --- runs -------------------------------------------------------------------------
 
-    def new_run(self, qemu: str, archs: list[str], variant: str | None, inventory: str | None, mode: str) -> int:
+    def new_run(
+        self, qemu: str, archs: list[str], variant: str | None, inventory: str | None, mode: str,
+        timeout: float | None = None,
+    ) -> int:
         with self._db() as db:
             cur = db.execute(
-                "INSERT INTO runs (qemu, archs, variant, inventory, mode, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (qemu, json.dumps(archs), variant, inventory, mode, time.time()),
+                "INSERT INTO runs (qemu, archs, variant, inventory, mode, timeout, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (qemu, json.dumps(archs), variant, inventory, mode, timeout, time.time()),
             )
             return int(cur.lastrowid)
+
+    def reopen_run(self, run: int) -> None:
+        with self._db() as db:
+            db.execute("UPDATE runs SET status = 'running', finished = NULL WHERE id = ?", (run,))
 
     def finish_run(self, run: int) -> None:
         jobs = self.jobs(run)
@@ -180,7 +199,7 @@ class Ledger:
     def _run_record(row: sqlite3.Row) -> RunRecord:
         return RunRecord(
             row["id"], row["qemu"], json.loads(row["archs"]), row["variant"], row["inventory"],
-            row["mode"], row["status"], row["created"], row["finished"],
+            row["mode"], row["status"], row["created"], row["finished"], row["timeout"],
         )
 
     @staticmethod

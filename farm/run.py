@@ -33,22 +33,62 @@ def probe(
     ledger: Ledger,
     variant: str | None = None,
     timeout: float = PROBE_TIMEOUT,
+    broker: str | None = None,
     progress: Callable[[str, str], None] | None = None,
     on_start: Callable[[int, list[Job]], None] | None = None,
 ) -> RunRecord:
-    """Plan, record and run the jobs of a run on the embedded dispatcher."""
-    from farm.dispatch import embedded
-
+    """Plan, record and run the jobs of a run: embedded (threads) or, with a broker, on Celery workers."""
     version = str(QemuVersion.parse(qemu))
     work = plan(inventory, arch_spec, variant)
-    run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), "embedded")
+    mode = "distributed" if broker else "embedded"
+    run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout)
     jobs = [(Job(run, version, arch.value, variant, timeout), hosts) for arch, hosts in work]
     for job, _ in jobs:
         ledger.add_job(JobRecord(job.id, run, job.arch, job.variant))
     if on_start:
         on_start(run, [job for job, _ in jobs])
+    _dispatch(run, jobs, ledger, broker, progress)
+    return ledger.run(run)
+
+
+def resume(
+    ledger: Ledger,
+    run: int,
+    inventory,
+    broker: str | None = None,
+    progress: Callable[[str, str], None] | None = None,
+    on_start: Callable[[int, list[Job]], None] | None = None,
+) -> RunRecord:
+    """Finish a run's unfinished jobs: collect what workers finished meanwhile, run the rest again.
+
+    Jobs keep their ids, so a job that did finish is never recorded twice.
+    """
+    record = ledger.run(run)
+    if record.mode == "distributed" and not broker:
+        raise UsageError(f"run {run} ran on Celery: give --broker or FARM_BROKER_URL to resume it")
+    timeout = record.timeout or PROBE_TIMEOUT
+    jobs = []
+    for j in record.jobs:
+        if j.final:
+            continue
+        arch = Architecture.parse(j.arch)
+        jobs.append((Job(run, record.qemu, j.arch, j.variant, timeout), inventory.hosts_for(arch, j.variant)))
+    if on_start:
+        on_start(run, [job for job, _ in jobs])
+    ledger.reopen_run(run)
+    _dispatch(run, jobs, ledger, broker if record.mode == "distributed" else None, progress, resume=True)
+    return ledger.run(run)
+
+
+def _dispatch(run: int, jobs, ledger: Ledger, broker: str | None, progress, resume: bool = False) -> None:
     try:
-        embedded.dispatch(jobs, ledger, progress)
+        if broker:
+            from farm.dispatch import distributed
+
+            distributed.dispatch(jobs, ledger, broker, progress, resume=resume)
+        else:
+            from farm.dispatch import embedded
+
+            embedded.dispatch(jobs, ledger, progress)
     finally:
         ledger.finish_run(run)
-    return ledger.run(run)

@@ -1,0 +1,179 @@
+"""The distributed dispatcher: Celery over Redis.
+
+The coordinator (``farm probe`` with a broker) sends each job to the queue of
+its arch (``arch.x86_64``, ``arch.x86_64+amdsev``); ``farm worker --hosts ...``
+serves those queues (and ``host.NAME`` for targeted jobs) for its hosts and
+runs the same ``run_job`` as the embedded dispatcher. The Celery task id is the
+job id, so a redelivered job has one result; the coordinator keeps results in
+the ledger (Redis carries work and liveness, SQLite remembers).
+
+Infrastructure failures (host unreachable, no toolchain, timeout) are tried on
+the worker's other hosts of that arch, then handed back to the queue for
+another worker, up to ``max_retries``. A fake or invalid dump is a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+from celery import Celery
+
+from farm.caps.arch import Architecture
+from farm.config import settings
+from farm.jobs import RETRYABLE, Job, Outcome, execute, keep, run_job
+from farm.ledger import JobRecord, Ledger
+
+TASK = "farm.probe"
+POLL = 0.5  # seconds between looks at the results
+
+# The hosts this worker process serves, and a job slot per host (max_jobs).
+_served: dict[str, object] = {}
+_slots: dict[str, threading.BoundedSemaphore] = {}
+
+
+def arch_queue(arch: str, variant: str | None = None) -> str:
+    return f"arch.{arch}" + (f"+{variant}" if variant else "")
+
+
+def host_queue(name: str) -> str:
+    return f"host.{name}"
+
+
+def make_app(broker: str) -> Celery:
+    s = settings()
+    app = Celery("farm", broker=broker, backend=broker, set_as_current=False)
+    transport = {"visibility_timeout": s.redelivery_after}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_time_limit=s.job_time_limit,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        result_expires=7 * 24 * 3600,
+        result_extended=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue="farm.default",
+    )
+    app.task(name=TASK, bind=True, max_retries=s.max_retries)(_probe)
+    return app
+
+
+# --- the worker side ----------------------------------------------------------------
+
+
+def serve(app: Celery, hosts: list, loglevel: str = "INFO") -> None:
+    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot."""
+    for host in hosts:
+        _served[host.name] = host
+        _slots[host.name] = threading.BoundedSemaphore(host.max_jobs)
+    queues = set()
+    for host in hosts:
+        queues.add(arch_queue(host.arch.value))
+        queues.update(arch_queue(host.arch.value, v) for v in host.variants)
+        queues.add(host_queue(host.name))
+    app.worker_main([
+        "worker", "--pool=threads", f"--concurrency={sum(h.max_jobs for h in hosts)}",
+        f"--queues={','.join(sorted(queues))}", f"--hostname=farm-{'+'.join(h.name for h in hosts)}@%h",
+        "--without-gossip", "--without-mingle", f"--loglevel={loglevel}",
+    ])
+
+
+def _probe(task, job_fields: dict, tried: list[str] | None = None) -> dict:
+    """The Celery task: run one job on one of this worker's hosts of its arch."""
+    job = Job(**job_fields)
+    tried = list(tried or [])
+    arch = Architecture.parse(job.arch)
+    candidates = [h for h in _served.values() if h.produces(arch, job.variant) and h.name not in tried]
+
+    def say(message: str) -> None:
+        task.update_state(state="PROGRESS", meta={"message": message, "worker": task.request.hostname})
+
+    def attempt(job, host, progress):
+        with _slots[host.name]:
+            return run_job(job, host, progress)
+
+    outcome = execute(job, candidates, say, attempt)
+    if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
+        say(f"{outcome.record.status}: handing the job to another host")
+        raise task.retry(args=[job_fields, tried + [h.name for h in candidates]], countdown=1)
+    return outcome.to_json()
+
+
+# --- the coordinator side -------------------------------------------------------------
+
+
+def live_queues(app: Celery, timeout: float = 2.0) -> set[str]:
+    """The queues served by workers that answer now."""
+    answers = app.control.inspect(timeout=timeout).active_queues() or {}
+    return {q["name"] for queues in answers.values() for q in queues}
+
+
+def dispatch(
+    work: list[tuple[Job, list]],
+    ledger: Ledger,
+    broker: str,
+    progress: Callable[[str, str], None] | None = None,
+    resume: bool = False,
+) -> list[JobRecord]:
+    """Send each job to its arch's queue and wait for all of them.
+
+    Resuming, a job a worker finished or still works on is not sent again;
+    one Redis does not know (lost with a restarted Redis) is.
+    """
+    app = make_app(broker)
+    live = live_queues(app)
+    sent = {}
+    for job, _ in work:
+        if resume:
+            known = app.AsyncResult(job.id)
+            if known.state != "PENDING":
+                sent[job.id] = known
+                continue
+        queue = arch_queue(job.arch, job.variant)
+        if queue not in live:
+            keep(ledger, _failed(job, f"no live worker serves {queue} (start one: farm worker --hosts HOST,...)"))
+            continue
+        sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), []], queue=queue, task_id=job.id)
+    return wait(app, sent, ledger, progress)
+
+
+def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str], None] | None = None) -> list[JobRecord]:
+    """Poll results until every sent job is done; keep each in the ledger as it ends."""
+    say = progress or (lambda job_id, message: None)
+    done: list[JobRecord] = []
+    shown: dict[str, str] = {}
+    while sent:
+        for job_id, result in list(sent.items()):
+            state = result.state
+            if state in ("STARTED", "PROGRESS", "RETRY"):
+                info = result.info if isinstance(result.info, dict) else {}
+                message = info.get("message") or state.lower()
+                if shown.get(job_id) != message:
+                    shown[job_id] = message
+                    if ": " in message:  # "<host>: <step>", as execute() reports
+                        ledger.start_job(job_id, message.split(": ", 1)[0])
+                    say(job_id, message)
+            elif state == "SUCCESS":
+                done.append(keep(ledger, Outcome.from_json(result.result)))
+                del sent[job_id]
+            elif state in ("FAILURE", "REVOKED"):
+                job = ledger.job(job_id)
+                done.append(keep(ledger, _failed(job, f"worker: {state.lower()}: {result.result!r}")))
+                del sent[job_id]
+        if sent:
+            time.sleep(POLL)
+    return done
+
+
+def _failed(job, reason: str) -> Outcome:
+    return Outcome(JobRecord(job.id, job.run, job.arch, job.variant, status="failed", reasons=[reason],
+                             started=time.time()))
