@@ -29,6 +29,7 @@ Cache layout (default $FARM_AGENT_CACHE or ~/.cache/farm-agent):
 """
 
 import argparse
+import bz2
 import contextlib
 import ctypes
 import errno
@@ -714,14 +715,16 @@ def qemu_supported_flags(src: str) -> List[str]:
 
 
 def qemu_blob_placeholders(src: str) -> List[str]:
-    """Create empty pc-bios/edk2-*.fd.bz2 that a '+ds' tarball lacks; return their names."""
+    """Create pc-bios/edk2-*.fd.bz2 placeholders (compressed empty files) that a '+ds' tarball
+    lacks; return their names."""
     created = []
     pcbios = os.path.join(src, "pc-bios")
     for name in sorted(set(re.findall(r"'(edk2-[\w.-]+\.fd)'",
                                       read_text(os.path.join(pcbios, "meson.build")) or ""))):
         path = os.path.join(pcbios, name + ".bz2")
         if not os.path.exists(path):
-            open(path, "wb").close()
+            with open(path, "wb") as handle:  # a valid bzip2 stream of nothing: the build unpacks it
+                handle.write(bz2.compress(b""))
             created.append(name + ".bz2")
     return created
 
