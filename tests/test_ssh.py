@@ -1,5 +1,6 @@
 """The ssh transport against real OpenSSH servers, each host in its own network namespace
-(tests/netns.py): pinned host keys, quoting, timeouts, reconnects.
+(tests/netns.py): pinned host keys, quoting, timeouts, reconnects, the agent installed over
+SFTP, and `farm hosts check` / `farm probe` over SSH with the real qemucapsprobe.
 """
 
 from __future__ import annotations
@@ -208,3 +209,151 @@ def test_put_get_and_scratch(ssh_hosts, tmp_path):
         with pytest.raises(HostError, match="cannot download"):
             t.get(f"{scratch}/missing", tmp_path / "missing")
     assert not os.path.exists(scratch)
+
+
+# -- the agent over SFTP ----------------------------------------------------------------------
+
+
+def test_the_agent_is_installed_by_hash(ssh_hosts):
+    (h,) = ssh_hosts.create(1)
+    host = host_of(h, toolchain={"cache_dir": ssh_hosts.cache_dir()})
+    local = hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
+
+    first = Agent(SSHTransport(host), host)
+    assert first.uploaded and first.path == f"{host.toolchain.cache_dir}/farm_agent.py"
+    assert remote_sha256(first.path) == local
+    stat = os.stat(first.path)
+    assert stat.st_uid == pwd.getpwnam(FARM_USER).pw_uid
+    assert first.facts()["agent_version"]
+
+    again = Agent(SSHTransport(host), host)  # a new connection: checks, does not upload
+    assert not again.uploaded and os.stat(again.path).st_ino == stat.st_ino
+
+    transport = again.transport
+    calls: list[list[str]] = []
+    run = transport.run
+    transport.run = lambda argv, *a, **k: calls.append(argv) or run(argv, *a, **k)
+    Agent(transport, host)  # the same transport: not even checked again
+    assert calls == []
+
+    with open(first.path, "a") as f:  # changed on the host (or a new farm version here)
+        f.write("# tampered\n")
+    changed = Agent(SSHTransport(host), host)
+    assert changed.uploaded and remote_sha256(changed.path) == local
+    assert [p for p in os.listdir(host.toolchain.cache_dir) if ".tmp-" in p] == []
+
+
+def test_the_default_cache_is_under_the_remote_home(ssh_hosts):
+    (h,) = ssh_hosts.create(1)
+    host = host_of(h)  # no cache_dir: ~/.cache/farm of the farm user, expanded there
+    agent = Agent(SSHTransport(host), host)
+    home = pwd.getpwnam(FARM_USER).pw_dir
+    assert agent.path == f"{home}/.cache/farm/farm_agent.py"
+    assert agent.cache == f"{home}/.cache/farm/agent"
+    assert remote_sha256(agent.path) == hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
+
+
+# -- farm over SSH ----------------------------------------------------------------------------
+
+
+@needs_kvm
+def test_hosts_check_over_ssh(ssh_hosts, env, tmp_path):
+    (h,) = ssh_hosts.create(1)
+    inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml", [h.entry()])
+    code, out, err = farm(env, "hosts", "check", "--inventory", str(inventory), "--json")
+    assert code == 0, err
+    (entry,) = out
+    assert entry["ok"] and entry["transport"] == "ssh" and entry["name"] == h.name
+    facts = entry["facts"]
+    assert facts["user"] == pwd.getpwnam(FARM_USER).pw_uid  # ran as farm, over SSH
+    assert facts["arch"] == platform.machine()
+    assert facts["kvm"]["usable"] is True, facts["kvm"]  # farm is in the kvm group
+    assert entry["real_dumps"] is True
+    assert facts["cache_dir"] == f"{pwd.getpwnam(FARM_USER).pw_dir}/.cache/farm/agent"
+    assert f"Accepted publickey for {FARM_USER}" in h.log
+
+
+def test_hosts_check_refuses_a_host_with_another_key(ssh_hosts, env, tmp_path):
+    a, b = ssh_hosts.create(2)
+    cache = ssh_hosts.cache_dir()
+    inventory = ssh_hosts.inventory(
+        tmp_path / "inventory.yaml", [a.entry(host_key=b.host_key, toolchain={"cache_dir": cache})]
+    )
+    code, out, err = farm(env, "hosts", "check", "--inventory", str(inventory), "--json")
+    assert code == 1, err
+    (entry,) = out
+    assert not entry["ok"] and "host key mismatch" in entry["error"] and a.name in entry["error"]
+    assert fingerprint(a.host_key, tmp_path) in entry["error"] and fingerprint(b.host_key, tmp_path) in entry["error"]
+    assert "Accepted publickey" not in a.log
+    assert not os.path.exists(f"{cache}/farm_agent.py")  # nothing installed, nothing run
+
+
+def test_a_host_of_another_arch_than_the_inventory_says_is_refused(ssh_hosts, env, tmp_path):
+    (h,) = ssh_hosts.create(1)
+    machine = platform.machine()
+    claimed = "aarch64" if native_arch() != "aarch64" else "x86_64"
+    inventory = ssh_hosts.inventory(
+        tmp_path / "inventory.yaml", [h.entry(arch=claimed, toolchain={"cache_dir": ssh_hosts.cache_dir()})]
+    )
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", claimed, "--inventory", str(inventory), "--json")
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert code == 1 and job["status"] == "failed" and job["artifact"] is None
+    assert job["reasons"] == [f"host '{h.name}' is {machine}, the inventory says {claimed}"]
+
+
+def test_shell_metacharacters_in_the_inventory_are_never_executed(ssh_hosts, env, tmp_path):
+    a, b = ssh_hosts.create(2)
+    pwned = f"/tmp/farm-pwned-{uuid.uuid4().hex[:8]}"
+    inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml", [
+        a.entry(agent_python=f"python3; touch {pwned}", toolchain={"cache_dir": ssh_hosts.cache_dir()}),
+        b.entry(toolchain={"cache_dir": f"/nonexistent/$(touch {pwned})`touch {pwned}`; touch {pwned}"}),
+    ])
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", native_arch(),
+                          "--inventory", str(inventory), "--json")
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert code == 1 and job["status"] == "failed" and job["artifact"] is None
+    assert job["reasons"][0] == f"all 2 hosts of {native_arch()} failed"
+    first, second = job["reasons"][1:]
+    assert first.startswith(f"{a.name}: host '{a.name}': cannot run the agent's Python 'python3; touch {pwned}'")
+    assert second.startswith(f"{b.name}: host '{b.name}': cache dir '/nonexistent/$(touch {pwned})")
+    assert "cannot create it: Permission denied" in second
+    assert not os.path.exists(pwned)
+
+
+@pytest.mark.slow
+@needs_kvm
+@needs_x86
+def test_probe_over_ssh_makes_a_real_dump(ssh_hosts, env, tmp_path, probe_build):
+    (h,) = ssh_hosts.create(1)
+    inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml", [h.entry(toolchain={"cache_dir": ssh_hosts.cache_dir()})])
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--inventory", str(inventory), "--json")
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert code == 0 and (job["status"], job["verdict"], job["host"]) == ("ok", "real", h.name), job
+    artifact = Path(job["artifact"])
+    assert artifact.name == "caps_7.2.0_x86_64.replies"
+    provenance = json.loads((artifact.parent / "provenance.json").read_text())
+    assert provenance["host"]["facts"]["user"] == pwd.getpwnam(FARM_USER).pw_uid  # probed as farm, over SSH
+    assert provenance["libvirt"]["libvirt_version"] == "11.3.0" and provenance["libvirt"]["cached"] is True
+    assert provenance["probe"]["sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
+    code, inspected, _ = farm(env, "replies", "inspect", "--json", str(artifact))
+    assert code == 0 and inspected[0]["verdict"] == "real" and inspected[0]["sessions"] == 2
+    assert f"Accepted publickey for {FARM_USER}" in h.log
+
+
+@pytest.mark.slow
+@needs_kvm
+@needs_x86
+def test_a_job_moves_to_the_next_host_when_the_first_is_down(ssh_hosts, env, tmp_path, probe_build):
+    down, up = ssh_hosts.create(2)
+    down.stop()
+    cache = ssh_hosts.cache_dir()
+    inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml", [
+        down.entry(toolchain={"cache_dir": cache}), up.entry(toolchain={"cache_dir": cache}),
+    ])
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--inventory", str(inventory), "--json")
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert code == 0 and (job["status"], job["verdict"], job["host"]) == ("ok", "real", up.name), job

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
+import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +18,37 @@ AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
 # seconds; toolchain builds can take long on slow hosts
 FACTS_TIMEOUT = 60
 BUILD_TIMEOUT = 4 * 3600
+
+
+# run with the agent's Python on the host, paths as arguments (never in the code):
+# expand and create the cache dir, report the sha256 of the agent file in it
+_CACHE_HELPER = """\
+import hashlib, json, os, sys
+cache = os.path.abspath(os.path.expanduser(sys.argv[1]))
+try:
+    os.makedirs(cache, exist_ok=True)
+except OSError as e:
+    print(json.dumps({"cache": cache, "error": "cannot create it: %s" % (e.strerror or e)}))
+    sys.exit(1)
+try:
+    with open(os.path.join(cache, "farm_agent.py"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+except OSError:
+    digest = None
+print(json.dumps({"cache": cache, "sha256": digest}))
+"""
+# move the uploaded agent into place atomically; print the sha256 of what is there now
+_REPLACE_HELPER = """\
+import hashlib, os, sys
+os.chmod(sys.argv[1], 0o644)
+os.replace(sys.argv[1], sys.argv[2])
+with open(sys.argv[2], "rb") as f:
+    print(hashlib.sha256(f.read()).hexdigest())
+"""
+
+# per transport: (python, cache as configured) -> {"cache": absolute path, "sha256": of the agent there}
+_installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_installed_lock = threading.Lock()
 
 
 class AgentError(HostError):
@@ -39,9 +74,53 @@ class Agent:
             if not AGENT_FILE.is_file():
                 raise HostError(f"agent not found at {AGENT_FILE} (farm must run from its source tree)")
         else:
-            cache = cache or "~/.cache/farm"
+            self._remote = self._remote_cache(cache or "~/.cache/farm")
+            cache = self._remote["cache"]
             self.path = f"{cache}/farm_agent.py"
         self.cache = f"{cache}/agent"
+        self.uploaded = False  # did install() upload the agent (for tests and logs)
+        if host.transport != "local":
+            self.install()
+
+    def _remote_cache(self, cache: str) -> dict:
+        """The host's cache dir as an absolute path (``~`` expanded there), created if missing,
+        and the sha256 of the agent file in it: asked once per transport."""
+        with _installed_lock:
+            known = _installed.setdefault(self.transport, {})
+        key = (self.python, cache)
+        if key not in known:
+            done = self.transport.run([self.python, "-c", _CACHE_HELPER, cache], timeout=FACTS_TIMEOUT)
+            if done.timed_out:
+                raise HostError(f"host {self.host.name!r}: no answer within {FACTS_TIMEOUT} s")
+            try:
+                reply = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
+                raise HostError(
+                    f"host {self.host.name!r}: cannot run the agent's Python {self.python!r} "
+                    f"(exit {done.returncode}): {tail}"
+                ) from None
+            if reply.get("error"):
+                raise HostError(f"host {self.host.name!r}: cache dir {cache!r}: {reply['error']}")
+            known[key] = reply
+        return known[key]
+
+    def install(self) -> bool:
+        """Make the host's ``{cache}/farm_agent.py`` this farm's agent (by sha256), uploading it
+        over SFTP to a temporary name and renaming it when it differs; checked once per
+        transport. Returns whether it uploaded."""
+        digest = hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
+        if self._remote.get("sha256") == digest:
+            return False
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
+        self.transport.put(AGENT_FILE, tmp)
+        done = self.transport.run([self.python, "-c", _REPLACE_HELPER, tmp, self.path], timeout=FACTS_TIMEOUT)
+        if done.returncode != 0 or done.stdout.strip() != digest:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or done.stdout.strip() or "no output"
+            raise HostError(f"host {self.host.name!r}: installing the agent at {self.path} failed: {tail}")
+        self._remote["sha256"] = digest
+        self.uploaded = True
+        return True
 
     def call(self, *args: str, timeout: float = FACTS_TIMEOUT, check: bool = True) -> dict:
         argv = [self.python, self.path, *args]
