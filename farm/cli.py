@@ -198,6 +198,7 @@ def cmd_hosts_check(args) -> int:
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
     report = []
+    ledger = _ledger()
     for host in hosts:
         entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
@@ -205,8 +206,13 @@ def cmd_hosts_check(args) -> int:
             native = facts.get("arch")
             entry.update(ok=True, facts=facts)
             entry["real_dumps"] = bool(facts["kvm"]["usable"]) and _native(native) == host.arch.value
+            if host.transport != "local" and _native(native) != host.arch.value:
+                raise HostError(f"host {host.name!r} is {native}, the inventory says {host.arch.value}")
+            ledger.host_seen(host.name)
         except HostError as e:
-            entry["error"] = str(e)
+            entry.update(ok=False, error=str(e))
+            ledger.host_failed(host.name, str(e))
+        entry["health"] = ledger.host(host.name).to_json()
         report.append(entry)
     if args.json:
         _print_json(report)
@@ -234,17 +240,73 @@ def cmd_hosts_check(args) -> int:
     return OK if all(e["ok"] for e in report) else FINDINGS
 
 
+def cmd_hosts_release(args) -> int:
+    from farm.inventory import resolve_inventory
+
+    inventory = resolve_inventory(args.inventory)
+    health = [_ledger().release_host(inventory.host(name).name) for name in args.hosts]
+    if args.json:
+        _print_json([h.to_json() for h in health])
+    else:
+        for h in health:
+            print(f"{h.name}: released (no longer quarantined)")
+    return OK
+
+
+def cmd_status(args) -> int:
+    from farm.inventory import resolve_inventory
+
+    inventory = resolve_inventory(args.inventory)
+    ledger = _ledger()
+    broker = _broker(args)
+    live: dict[str, list[str]] = {}
+    if broker:
+        from farm.dispatch.distributed import make_app
+
+        answers = make_app(broker).control.inspect(timeout=2).active_queues() or {}
+        live = {worker: sorted(q["name"] for q in queues) for worker, queues in answers.items()}
+    served = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
+    running = ledger.running_jobs()
+    hosts = []
+    for h in inventory.hosts:
+        health = ledger.host(h.name).to_json()
+        hosts.append({
+            "name": h.name, "arch": h.arch.value, "transport": h.transport, **health,
+            "served": (h.name in served) if broker else None,
+            "running": [j.id for j in running if j.host == h.name],
+        })
+    status = {"mode": "distributed" if broker else "embedded", "hosts": hosts, "workers": live,
+              "running": [_job_json(j) | {"id": j.id} for j in running]}
+    if args.json:
+        _print_json(status)
+        return OK
+    from rich.table import Table
+
+    table = Table(title=f"farm status ({status['mode']})")
+    for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
+        table.add_column(column, overflow="fold")
+    for h in hosts:
+        health = "[bold red]quarantined[/]" if h["quarantined"] else (
+            f"[yellow]{h['failures']} failure(s)[/]" if h["failures"] else "[green]ok[/]")
+        failure = f"{_when(h['last_failure'])}: {h['last_failure_reason']}" if h["last_failure"] else "-"
+        served = "-" if h["served"] is None else ("yes" if h["served"] else "[red]no worker[/]")
+        table.add_row(h["name"], h["arch"], health, _when(h["last_seen"]), failure, served, ", ".join(h["running"]) or "-")
+    console = _console()
+    console.print(table)
+    for worker, queues in live.items():
+        console.print(f"worker {worker}: {', '.join(queues)}")
+    return OK
+
+
 # --- farm probe, farm runs ------------------------------------------------------------
 
 
 def cmd_probe(args) -> int:
-    from farm.config import settings
     from farm.inventory import resolve_inventory
-    from farm.ledger import Ledger
     from farm.run import probe
 
     inventory = resolve_inventory(args.inventory)
-    ledger = Ledger(settings().state_dir)
+    ledger = _ledger()
     with _JobProgress(enabled=not args.quiet) as progress:
         record = probe(
             inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=_broker(args),
@@ -258,12 +320,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_runs_resume(args) -> int:
-    from farm.config import settings
     from farm.inventory import resolve_inventory
-    from farm.ledger import Ledger
     from farm.run import resume
 
-    ledger = Ledger(settings().state_dir)
+    ledger = _ledger()
     inventory = resolve_inventory(args.inventory or ledger.run(args.run).inventory_path)
     with _JobProgress(enabled=not args.quiet) as progress:
         record = resume(ledger, args.run, inventory, _broker(args), progress.update, progress.start)
@@ -289,6 +349,14 @@ def cmd_worker(args) -> int:
     return OK
 
 
+def _ledger():
+    from farm.config import settings
+    from farm.ledger import Ledger
+
+    s = settings()
+    return Ledger(s.state_dir, s.quarantine_after)
+
+
 def _broker(args) -> str | None:
     from farm.config import settings
 
@@ -296,10 +364,8 @@ def _broker(args) -> str | None:
 
 
 def cmd_runs_list(args) -> int:
-    from farm.config import settings
-    from farm.ledger import Ledger
 
-    runs = Ledger(settings().state_dir).runs(args.limit)
+    runs = _ledger().runs(args.limit)
     if args.json:
         _print_json([{**r.to_json(), "jobs": [_job_json(j) for j in r.jobs]} for r in runs])
         return OK
@@ -321,10 +387,8 @@ def cmd_runs_list(args) -> int:
 
 
 def cmd_runs_show(args) -> int:
-    from farm.config import settings
-    from farm.ledger import Ledger
 
-    record = Ledger(settings().state_dir).run(args.run)
+    record = _ledger().run(args.run)
     if args.json:
         _print_json(record.to_json())
     else:
@@ -500,6 +564,14 @@ def _parser() -> argparse.ArgumentParser:
     p = command(hsub, "check", cmd_hosts_check, "ask each host's agent for its facts (arch, /dev/kvm, QEMU)")
     p.add_argument("hosts", nargs="*", metavar="HOST", help="hosts to check (default: all)")
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+
+    p = command(hsub, "release", cmd_hosts_release, "take hosts out of quarantine")
+    p.add_argument("hosts", nargs="+", metavar="HOST")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+
+    p = command(sub, "status", cmd_status, "hosts (health, quarantine), workers and their queues, running jobs")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL (unset: embedded, no workers)")
 
     p = command(sub, "probe", cmd_probe, "probe a QEMU release on the inventory's hosts and judge the dumps")
     p.add_argument("--qemu", required=True, metavar="VERSION", help="QEMU release, e.g. 9.1.0")

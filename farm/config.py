@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         3, ge=0, description="Times a job is handed to another host of its arch after an infrastructure failure."
     )
+    quarantine_after: int = Field(
+        3, ge=1, description="Consecutive infrastructure failures after which a host is quarantined "
+        "(until farm hosts release NAME).",
+    )
     libvirt_checkout: Path | None = Field(
         None, description="The libvirt git checkout that dumps are published into."
     )

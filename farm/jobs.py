@@ -19,7 +19,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm import __version__
@@ -78,6 +78,7 @@ class Outcome:
     record: JobRecord
     dump: str | None = None
     name: str | None = None
+    attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (host, status, first reason)
 
     def to_json(self) -> dict:
         """For the wire (Celery results): the dump travels compressed."""
@@ -86,12 +87,14 @@ class Outcome:
             "record": {k: getattr(r, k) for k in JobRecord.__dataclass_fields__},
             "dump": base64.b64encode(zlib.compress(self.dump.encode())).decode() if self.dump is not None else None,
             "name": self.name,
+            "attempts": self.attempts,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> Outcome:
         dump = zlib.decompress(base64.b64decode(data["dump"])).decode() if data.get("dump") else None
-        return cls(JobRecord(**data["record"]), dump, data.get("name"))
+        attempts = [tuple(a) for a in data.get("attempts", [])]
+        return cls(JobRecord(**data["record"]), dump, data.get("name"), attempts)
 
 
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
@@ -107,22 +110,31 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
     if not hosts:
         what = job.arch + (f"+{job.variant}" if job.variant else "")
         record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
-        record.reasons = [f"no host can probe {what}"]
+        record.reasons = [f"no healthy host can probe {what} (quarantined hosts: farm hosts release NAME)"]
         return Outcome(record)
-    tried = []
+    tried, attempts = [], []
     for host in hosts:
         outcome = attempt(job, host, lambda m, h=host.name: say(f"{h}: {m}"))
-        tried.append(f"{host.name}: {'; '.join(outcome.record.reasons)}")
-        if outcome.record.status not in RETRYABLE:
+        r = outcome.record
+        attempts.append((host.name, r.status, r.reasons[0] if r.reasons else ""))
+        tried.append(f"{host.name}: {'; '.join(r.reasons)}")
+        if r.status not in RETRYABLE:
             break
-        say(f"{host.name}: {outcome.record.status}")
+        say(f"{host.name}: {r.status}")
     if outcome.record.status in RETRYABLE and len(tried) > 1:
         outcome.record.reasons = [f"all {len(tried)} hosts of {job.arch} failed"] + tried
+    outcome.attempts = attempts
     return outcome
 
 
 def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
-    """Keep an outcome: the dump in the artifact store, the job's end in the ledger (once)."""
+    """Keep an outcome: the dump in the artifact store, the job's end in the ledger (once),
+    and what each attempt says of its host's health."""
+    for host, status, reason in outcome.attempts:
+        if status in RETRYABLE:
+            ledger.host_failed(host, reason)
+        else:
+            ledger.host_seen(host)
     r = outcome.record
     if outcome.dump is not None and outcome.name:
         with tempfile.TemporaryDirectory(prefix="farm-store-") as tmp:

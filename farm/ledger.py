@@ -49,6 +49,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     provenance TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run);
+CREATE TABLE IF NOT EXISTS hosts (
+    name TEXT PRIMARY KEY,
+    last_seen REAL,
+    last_failure REAL,
+    last_failure_reason TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0
+);
 """
 
 # statuses a job ends in; 'pending' and 'running' are not final
@@ -93,6 +101,19 @@ class JobRecord:
 
 
 @dataclass
+class HostHealth:
+    name: str
+    last_seen: float | None = None
+    last_failure: float | None = None
+    last_failure_reason: str | None = None
+    failures: int = 0  # consecutive infrastructure failures
+    quarantined: bool = False
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
 class RunRecord:
     id: int
     qemu: str
@@ -129,8 +150,9 @@ class RunRecord:
 
 
 class Ledger:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, quarantine_after: int = 3):
         self.state_dir = Path(state_dir)
+        self.quarantine_after = quarantine_after
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.artifacts = self.state_dir / "artifacts"
         self.path = self.state_dir / "ledger.sqlite"
@@ -259,6 +281,56 @@ class Ledger:
             json.loads(row["reasons"]), json.loads(row["warnings"]), row["artifact"], row["started"],
             row["finished"], json.loads(row["provenance"]) if row["provenance"] else None,
         )
+
+    # --- host health ------------------------------------------------------------------
+
+    def host_seen(self, name: str) -> None:
+        """The host worked: it is healthy again (quarantine stays until released)."""
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO hosts (name, last_seen) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET last_seen = excluded.last_seen, failures = 0",
+                (name, time.time()),
+            )
+
+    def host_failed(self, name: str, reason: str) -> HostHealth:
+        """An infrastructure failure; after ``quarantine_after`` in a row the host is quarantined."""
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO hosts (name, last_failure, last_failure_reason, failures) VALUES (?, ?, ?, 1) "
+                "ON CONFLICT(name) DO UPDATE SET last_failure = excluded.last_failure, "
+                "last_failure_reason = excluded.last_failure_reason, failures = failures + 1",
+                (name, time.time(), reason),
+            )
+            db.execute(
+                "UPDATE hosts SET quarantined = 1 WHERE name = ? AND failures >= ?", (name, self.quarantine_after)
+            )
+        return self.host(name)
+
+    def release_host(self, name: str) -> HostHealth:
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO hosts (name) VALUES (?) ON CONFLICT(name) DO UPDATE SET quarantined = 0, failures = 0",
+                (name,),
+            )
+        return self.host(name)
+
+    def host(self, name: str) -> HostHealth:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return HostHealth(name)
+        return HostHealth(row["name"], row["last_seen"], row["last_failure"], row["last_failure_reason"],
+                          row["failures"], bool(row["quarantined"]))
+
+    def quarantined(self) -> set[str]:
+        with self._db() as db:
+            return {r["name"] for r in db.execute("SELECT name FROM hosts WHERE quarantined = 1")}
+
+    def running_jobs(self) -> list[JobRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY started").fetchall()
+        return [self._job_record(r) for r in rows]
 
     # --- artifacts ----------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ def probe(
     work = plan(inventory, arch_spec, variant)
     mode = "distributed" if broker else "embedded"
     run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout)
-    jobs = [(Job(run, version, arch.value, variant, timeout), hosts) for arch, hosts in work]
+    jobs = [(Job(run, version, arch.value, variant, timeout), _healthy(ledger, hosts)) for arch, hosts in work]
     for job, _ in jobs:
         ledger.add_job(JobRecord(job.id, run, job.arch, job.variant))
     if on_start:
@@ -71,13 +71,19 @@ def resume(
     for j in record.jobs:
         if j.final:
             continue
-        arch = Architecture.parse(j.arch)
-        jobs.append((Job(run, record.qemu, j.arch, j.variant, timeout), inventory.hosts_for(arch, j.variant)))
+        hosts = inventory.hosts_for(Architecture.parse(j.arch), j.variant)
+        jobs.append((Job(run, record.qemu, j.arch, j.variant, timeout), _healthy(ledger, hosts)))
     if on_start:
         on_start(run, [job for job, _ in jobs])
     ledger.reopen_run(run)
     _dispatch(run, jobs, ledger, broker if record.mode == "distributed" else None, progress, resume=True)
     return ledger.run(run)
+
+
+def _healthy(ledger: Ledger, hosts: list) -> list:
+    """The hosts not quarantined."""
+    quarantined = ledger.quarantined()
+    return [h for h in hosts if h.name not in quarantined]
 
 
 def _dispatch(run: int, jobs, ledger: Ledger, broker: str | None, progress, resume: bool = False) -> None:

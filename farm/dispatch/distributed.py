@@ -87,12 +87,14 @@ def serve(app: Celery, hosts: list, loglevel: str = "INFO") -> None:
     ])
 
 
-def _probe(task, job_fields: dict, tried: list[str] | None = None) -> dict:
-    """The Celery task: run one job on one of this worker's hosts of its arch."""
+def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict:
+    """The Celery task: run one job on one of this worker's hosts of its arch that the
+    coordinator allows (not quarantined) and no earlier delivery tried."""
     job = Job(**job_fields)
-    tried = list(tried or [])
     arch = Architecture.parse(job.arch)
-    candidates = [h for h in _served.values() if h.produces(arch, job.variant) and h.name not in tried]
+    candidates = [
+        h for h in _served.values() if h.produces(arch, job.variant) and h.name in allowed and h.name not in tried
+    ]
 
     def say(message: str) -> None:
         task.update_state(state="PROGRESS", meta={"message": message, "worker": task.request.hostname})
@@ -104,7 +106,7 @@ def _probe(task, job_fields: dict, tried: list[str] | None = None) -> dict:
     outcome = execute(job, candidates, say, attempt)
     if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
         say(f"{outcome.record.status}: handing the job to another host")
-        raise task.retry(args=[job_fields, tried + [h.name for h in candidates]], countdown=1)
+        raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)
     return outcome.to_json()
 
 
@@ -132,17 +134,19 @@ def dispatch(
     app = make_app(broker)
     live = live_queues(app)
     sent = {}
-    for job, _ in work:
+    for job, hosts in work:
         if resume:
             known = app.AsyncResult(job.id)
             if known.state != "PENDING":
                 sent[job.id] = known
                 continue
         queue = arch_queue(job.arch, job.variant)
-        if queue not in live:
-            keep(ledger, _failed(job, f"no live worker serves {queue} (start one: farm worker --hosts HOST,...)"))
+        served = [h.name for h in hosts if host_queue(h.name) in live]
+        if not served:
+            why = "no healthy host" if not hosts else "no live worker serves a healthy host"
+            keep(ledger, _failed(job, f"{why} of {queue} (start one: farm worker --hosts HOST,...)"))
             continue
-        sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), []], queue=queue, task_id=job.id)
+        sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue, task_id=job.id)
     return wait(app, sent, ledger, progress)
 
 
