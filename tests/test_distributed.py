@@ -43,7 +43,7 @@ def test_an_arch_without_a_live_worker_fails_fast(env, redis_server, workers):  
     jobs = {j["arch"]: j for j in out["jobs"]}
     assert jobs["x86_64"]["status"] == "ok"
     assert jobs["aarch64"]["status"] == "failed"
-    assert "no live worker serves arch.aarch64" in jobs["aarch64"]["reasons"][0]
+    assert "no live worker serves a healthy host of arch.aarch64" in jobs["aarch64"]["reasons"][0]
     assert elapsed < 60  # seconds, not the job time limit
 
 
