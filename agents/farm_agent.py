@@ -5,7 +5,7 @@ One stdlib-only file (Python >= 3.9), copied to hosts of any arch and distro and
 run as an unprivileged user (in the kvm group).  Subcommands:
 
   facts      [--cache DIR] [--target ARCH]...
-  toolchain  libvirt --source debian:VERSION|git:URL@REF|tarball:PATH
+  toolchain  libvirt --source debian:VERSION|git:URL@REF|tarball:PATH|builddir:PATH
                      [--tarball PATH] [--cache DIR] [--jobs N]
   toolchain  qemu --binary PATH
   toolchain  qemu --source tarball:PATH|git:URL@REF --target ARCH
@@ -630,9 +630,27 @@ def entry_result(meta: Dict, source: str, cached: bool, seconds: float) -> Dict:
     return result
 
 
+def builddir_result(path: str, source: str) -> Dict:
+    """An existing libvirt build directory on the host (nothing is built)."""
+    probe = os.path.join(os.path.abspath(path), PROBE_REL)
+    if not is_executable_file(probe):
+        raise UsageError("--source: no executable %s in the build directory %s" % (PROBE_REL, path))
+    version, commit = None, None
+    info = read_text(os.path.join(path, "meson-info", "intro-projectinfo.json"))
+    if info:
+        with contextlib.suppress(ValueError):
+            version = json.loads(info).get("version")
+    return {"ok": True, "cached": True, "seconds": 0.0, "source": source, "built_from": source,
+            "probe": probe, "mock": os.path.join(os.path.abspath(path), MOCK_REL),
+            "build_dir": os.path.abspath(path), "libvirt_version": version, "commit": commit,
+            "key": "builddir"}
+
+
 def cmd_toolchain_libvirt(args: argparse.Namespace) -> Dict:
     """Prepare (or find cached) a qemucapsprobe build for the given libvirt source."""
     started = time.monotonic()
+    if args.source.startswith("builddir:"):
+        return builddir_result(args.source[len("builddir:"):], args.source)
     cache = resolve_cache(args.cache)
     plan = libvirt_source_plan(args, cache)
     area = os.path.join(cache, "libvirt")

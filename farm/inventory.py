@@ -92,7 +92,7 @@ def _parse_source(text: str, kinds: tuple[str, ...]) -> Source:
         if not _DEBIAN_VERSION.fullmatch(rest):
             raise ValueError(f"bad source {text!r}: expected debian:VERSION, e.g. debian:11.3.0-3+deb13u3")
         return Source(kind, rest)
-    if not rest.startswith("/"):  # binary:, tarball:
+    if not rest.startswith("/"):  # binary:, tarball:, builddir:
         raise ValueError(f"bad source {text!r}: expected {kind}:/absolute/path (on the host)")
     return Source(kind, rest)
 
@@ -102,7 +102,9 @@ class Toolchain(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    libvirt: str = Field(DEFAULT_LIBVIRT, description="debian:VERSION or git:URL@REF")
+    libvirt: str = Field(
+        DEFAULT_LIBVIRT, description="debian:VERSION, git:URL@REF or builddir:PATH (an existing libvirt build)"
+    )
     qemu: str = Field("system", description="system, binary:PATH, tarball:PATH or git:URL@REF")
     cache_dir: str | None = Field(
         None,
@@ -113,7 +115,7 @@ class Toolchain(BaseModel):
     @field_validator("libvirt")
     @classmethod
     def _libvirt(cls, value: str) -> str:
-        _parse_source(value, ("debian", "git"))
+        _parse_source(value, ("debian", "git", "builddir"))
         return value
 
     @field_validator("qemu")
@@ -124,7 +126,7 @@ class Toolchain(BaseModel):
 
     @property
     def libvirt_source(self) -> Source:
-        return _parse_source(self.libvirt, ("debian", "git"))
+        return _parse_source(self.libvirt, ("debian", "git", "builddir"))
 
     @property
     def qemu_source(self) -> Source:
