@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.libvirt_worktree"]
+pytest_plugins = ["tests.libvirt_worktree", "tests.netns", "tests.services"]
 
 from tests.paths import CACHE
 SOURCES = CACHE / "src"
@@ -39,3 +41,11 @@ def data11(libvirt11: Path) -> Path:
 @pytest.fixture(scope="session")
 def data9(libvirt9: Path) -> Path:
     return libvirt9 / "tests" / "qemucapabilitiesdata"
+
+
+@pytest.fixture
+def env(tmp_path) -> dict:
+    """The environment of a farm CLI run: its own state dir, the shared build cache, no other FARM_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
+    env.update(FARM_STATE_DIR=str(tmp_path / "state"), FARM_CACHE_DIR=str(CACHE))
+    return env

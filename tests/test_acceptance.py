@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from farm.publish.tree import regenerate_and_verify
-from tests.test_probe import env, farm, needs_kvm, needs_x86  # noqa: F401  (env is a fixture)
+from tests.helpers import farm, needs_kvm, needs_x86
 
 pytestmark = [pytest.mark.slow, needs_kvm, needs_x86]
 
 
-def test_a_probed_dump_lands_in_libvirt_and_its_tests_pass(env, libvirt_worktree):  # noqa: F811
+def test_a_probed_dump_lands_in_libvirt_and_its_tests_pass(env, libvirt_worktree):
     code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--json")
     assert out is not None, err
     (job,) = out["jobs"]

@@ -8,13 +8,12 @@ import time
 
 import pytest
 
-from tests.services import redis_server, workers  # noqa: F401  (fixtures)
-from tests.test_probe import env, farm, needs_kvm, needs_x86  # noqa: F401  (env is a fixture)
+from tests.helpers import farm, needs_kvm, needs_x86
 
 pytestmark = [pytest.mark.slow, needs_kvm, needs_x86]
 
 
-def test_distributed_results_equal_the_embedded_ones(env, redis_server, workers):  # noqa: F811
+def test_distributed_results_equal_the_embedded_ones(env, redis_server, workers):
     workers.start("local-x86_64")
     workers.start("local-s390x,local-ppc64")
     code, dist, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64,s390x,ppc64", "--broker", redis_server.url, "--json")
@@ -34,7 +33,7 @@ def test_distributed_results_equal_the_embedded_ones(env, redis_server, workers)
     assert shown["mode"] == "distributed" and shown["status"] == "done"
 
 
-def test_an_arch_without_a_live_worker_fails_fast(env, redis_server, workers):  # noqa: F811
+def test_an_arch_without_a_live_worker_fails_fast(env, redis_server, workers):
     workers.start("local-x86_64")
     started = time.monotonic()
     code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64,aarch64", "--broker", redis_server.url, "--json")
@@ -47,7 +46,7 @@ def test_an_arch_without_a_live_worker_fails_fast(env, redis_server, workers):  
     assert elapsed < 60  # seconds, not the job time limit
 
 
-def test_resume_collects_what_workers_finished(env, redis_server, workers, tmp_path):  # noqa: F811
+def test_resume_collects_what_workers_finished(env, redis_server, workers, tmp_path):
     """The CLI killed mid-run: the ledger tells what finished; resume completes the rest once."""
     import os
     import signal

@@ -6,10 +6,10 @@ job on it fails before probing (an infrastructure failure, not a verdict).
 
 from __future__ import annotations
 
-from tests.test_probe import env, farm  # noqa: F401  (env is a fixture)
+from tests.helpers import farm
 
 
-def test_a_host_failing_again_and_again_is_quarantined_until_released(env, tmp_path):  # noqa: F811
+def test_a_host_failing_again_and_again_is_quarantined_until_released(env, tmp_path):
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(
         "hosts:\n"

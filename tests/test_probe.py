@@ -8,50 +8,18 @@ run under TCG and must come out fake, flagged.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import pwd
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.paths import CACHE
+from tests.helpers import farm, needs_kvm, needs_root, needs_x86
 
 pytestmark = pytest.mark.slow
 
 NO_KVM_USER = "farm-nokvm"
-
-
-def kvm_usable() -> bool:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-        return True
-    except OSError:
-        return False
-
-
-needs_kvm = pytest.mark.skipif(not kvm_usable(), reason="needs a usable /dev/kvm")
-needs_x86 = pytest.mark.skipif(platform.machine() != "x86_64", reason="expects an x86_64 machine (Debian's QEMU 7.2)")
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and switch to a user without /dev/kvm")
-
-
-@pytest.fixture
-def env(tmp_path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    env.update(FARM_STATE_DIR=str(tmp_path / "state"), FARM_CACHE_DIR=str(CACHE))
-    return env
-
-
-def farm(env: dict, *args: str) -> tuple[int, dict | list | None, str]:
-    done = subprocess.run([sys.executable, "-m", "farm", *args], env=env, capture_output=True, text=True)
-    try:
-        out = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        out = None
-    return done.returncode, out, done.stderr
 
 
 def qemu_processes() -> set[int]:

@@ -16,7 +16,7 @@ import pytest
 
 from farm.caps import dump
 from tests.paths import CACHE
-from tests.test_probe import env, farm, needs_kvm  # noqa: F401  (env is a fixture)
+from tests.helpers import farm, needs_kvm
 
 TARBALL = CACHE / "src" / "qemu_10.2.2+ds.orig.tar.xz"
 
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, needs_kvm]
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds and probes an x86_64 QEMU")
-def test_qemu_10_2_2_built_from_the_tarball_probes_real_with_query_accelerators(env, tmp_path):  # noqa: F811
+def test_qemu_10_2_2_built_from_the_tarball_probes_real_with_query_accelerators(env, tmp_path):
     if not TARBALL.is_file():
         pytest.skip(f"{TARBALL} missing: ./bootstrap test fetches it")
     inventory = tmp_path / "inventory.yaml"

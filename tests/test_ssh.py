@@ -24,26 +24,9 @@ from farm.hosts import HostError
 from farm.hosts.agent import AGENT_FILE, Agent
 from farm.hosts.ssh import SSHTransport
 from farm.inventory import Host
-from tests.conftest import CACHE
-from tests.netns import FARM_USER, LIBVIRT, native_arch, ssh_hosts  # noqa: F401 (the fixture)
-
-REPO = Path(__file__).resolve().parents[1]
-needs_x86 = pytest.mark.skipif(platform.machine() != "x86_64", reason="expects an x86_64 machine (Debian's QEMU 7.2)")
-
-
-def kvm_present() -> bool:
-    return os.path.exists("/dev/kvm")
-
-
-needs_kvm = pytest.mark.skipif(not kvm_present(), reason="needs /dev/kvm")
-
-
-@pytest.fixture
-def env(tmp_path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
-    env.update(FARM_STATE_DIR=str(tmp_path / "state"), FARM_CACHE_DIR=str(CACHE))
-    return env
-
+from tests.helpers import farm, needs_kvm, needs_x86
+from tests.netns import FARM_USER, LIBVIRT, native_arch
+from tests.paths import CACHE
 
 @pytest.fixture(scope="session")
 def probe_build() -> None:
@@ -54,15 +37,6 @@ def probe_build() -> None:
         capture_output=True, text=True, timeout=3600,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-
-
-def farm(env: dict, *args: str) -> tuple[int, dict | list | None, str]:
-    done = subprocess.run([sys.executable, "-m", "farm", *args], env=env, capture_output=True, text=True, cwd=REPO)
-    try:
-        out = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        out = None
-    return done.returncode, out, done.stderr
 
 
 def host_of(test_host, **overrides) -> Host:
