@@ -311,6 +311,7 @@ def cmd_probe(args) -> int:
         record = probe(
             inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=_broker(args),
             progress=progress.update, on_start=progress.start,
+            only=[n.strip() for n in args.hosts.split(",") if n.strip()] if args.hosts else None,
         )
     if args.json:
         _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs]})
@@ -577,6 +578,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu", required=True, metavar="VERSION", help="QEMU release, e.g. 9.1.0")
     p.add_argument("--arch", default="all", metavar="ARCHS", help="all (the inventory's), native, or x86_64,s390x,...")
     p.add_argument("--variant", metavar="V", help="a dump variant, e.g. amdsev (hosts that list it)")
+    p.add_argument("--hosts", metavar="NAME,...", help="only these hosts (distributed: sent to their own queues)")
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

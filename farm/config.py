@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -57,6 +58,19 @@ class Settings(BaseSettings):
     libvirt_checkout: Path | None = Field(
         None, description="The libvirt git checkout that dumps are published into."
     )
+    libvirt_build_dir: Path | None = Field(
+        None, description="meson build directory of the libvirt checkout, outside it "
+        "(default: <cache_dir>/build/libvirt-publish).",
+    )
+    upstream_remote: str = Field("origin", description="Remote of the libvirt checkout that branches start from.")
+    upstream_branch: str | None = Field(
+        None, description="Branch of the upstream remote to start from (default: the remote's HEAD)."
+    )
+    fork_remote: str = Field("fork", description="Remote of the libvirt checkout that --mr pushes branches to.")
+    mr_method: Literal["api", "push-options"] = Field(
+        "api", description="How --mr opens merge requests: the GitLab API (python-gitlab), or git push options "
+        "(-o merge_request.create)."
+    )
     gitlab_url: str = Field("https://gitlab.com", description="The GitLab server merge requests are opened on.")
     gitlab_project: str | None = Field(
         None, description="The GitLab project (path, e.g. you/libvirt) that merge requests are pushed to."
@@ -70,7 +84,8 @@ class Settings(BaseSettings):
         None, description="Author email of publish commits and Signed-off-by (default: git config user.email)."
     )
 
-    @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "gitlab_token_file", mode="before")
+    @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "libvirt_build_dir",
+                     "gitlab_token_file", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         if value == "":

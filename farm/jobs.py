@@ -45,6 +45,7 @@ class Job:
     arch: str
     variant: str | None = None
     probe_timeout: float = PROBE_TIMEOUT
+    targeted: bool = False  # only the hosts planned for it, by their own queues
 
     @property
     def id(self) -> str:

@@ -57,6 +57,20 @@ CREATE TABLE IF NOT EXISTS hosts (
     failures INTEGER NOT NULL DEFAULT 0,
     quarantined INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS publications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run INTEGER NOT NULL REFERENCES runs(id),
+    created REAL NOT NULL,
+    status TEXT NOT NULL,
+    checkout TEXT,
+    branch TEXT,
+    base TEXT,
+    commits TEXT NOT NULL DEFAULT '[]',
+    mr_url TEXT,
+    patches TEXT NOT NULL DEFAULT '[]',
+    details TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS publications_run ON publications(run);
 """
 
 # statuses a job ends in; 'pending' and 'running' are not final
@@ -108,6 +122,26 @@ class HostHealth:
     last_failure_reason: str | None = None
     failures: int = 0  # consecutive infrastructure failures
     quarantined: bool = False
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PublicationRecord:
+    """What one `farm publish` of a run delivered: the branch, its commits, the MR or the patches."""
+
+    id: int
+    run: int
+    created: float
+    status: str  # published | unchanged
+    checkout: str | None = None
+    branch: str | None = None
+    base: str | None = None  # the upstream commit the branch starts from
+    commits: list[str] = field(default_factory=list)
+    mr_url: str | None = None
+    patches: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -331,6 +365,28 @@ class Ledger:
         with self._db() as db:
             rows = db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY started").fetchall()
         return [self._job_record(r) for r in rows]
+
+    # --- publications -------------------------------------------------------------------
+
+    def add_publication(self, run: int, status: str, *, checkout: str | None = None, branch: str | None = None,
+                        base: str | None = None, commits: list[str] | None = None, mr_url: str | None = None,
+                        patches: list[str] | None = None, details: dict | None = None) -> PublicationRecord:
+        with self._db() as db:
+            cur = db.execute(
+                "INSERT INTO publications (run, created, status, checkout, branch, base, commits, mr_url, patches, "
+                "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, time.time(), status, checkout, branch, base, json.dumps(commits or []), mr_url,
+                 json.dumps(patches or []), json.dumps(details or {})),
+            )
+            publication = int(cur.lastrowid)
+        return next(p for p in self.publications(run) if p.id == publication)
+
+    def publications(self, run: int) -> list[PublicationRecord]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM publications WHERE run = ? ORDER BY id", (run,)).fetchall()
+        return [PublicationRecord(r["id"], r["run"], r["created"], r["status"], r["checkout"], r["branch"],
+                                  r["base"], json.loads(r["commits"]), r["mr_url"], json.loads(r["patches"]),
+                                  json.loads(r["details"])) for r in rows]
 
     # --- artifacts ----------------------------------------------------------------------
 

@@ -12,13 +12,16 @@ from farm.jobs import PROBE_TIMEOUT, Job
 from farm.ledger import JobRecord, Ledger, RunRecord
 
 
-def plan(inventory, arch_spec: str, variant: str | None) -> list[tuple[Architecture, list]]:
-    """(arch, candidate hosts) per job; ``all`` is every arch of the inventory."""
+def plan(
+    inventory, arch_spec: str, variant: str | None, only: list[str] | None = None
+) -> list[tuple[Architecture, list]]:
+    """(arch, candidate hosts) per job; ``all`` is every arch of the inventory (of the ``only`` hosts)."""
     variant = parse_variant(variant)
-    archs = Architecture.parse_list(arch_spec, inventory.archs())
+    chosen = [inventory.host(name) for name in only] if only else inventory.hosts
+    archs = Architecture.parse_list(arch_spec, list(dict.fromkeys(h.arch for h in chosen)))
     work = []
     for arch in archs:
-        hosts = inventory.hosts_for(arch, variant)
+        hosts = [h for h in inventory.hosts_for(arch, variant) if h in chosen]
         if not hosts:
             what = arch.value + (f"+{variant}" if variant else "")
             raise UsageError(f"{inventory.source}: no host can probe {what} (hosts: {', '.join(h.name for h in inventory.hosts)})")
@@ -36,13 +39,20 @@ def probe(
     broker: str | None = None,
     progress: Callable[[str, str], None] | None = None,
     on_start: Callable[[int, list[Job]], None] | None = None,
+    only: list[str] | None = None,
 ) -> RunRecord:
-    """Plan, record and run the jobs of a run: embedded (threads) or, with a broker, on Celery workers."""
+    """Plan, record and run the jobs of a run: embedded (threads) or, with a broker, on Celery workers.
+
+    ``only`` restricts the run to those hosts (distributed: their own queues).
+    """
     version = str(QemuVersion.parse(qemu))
-    work = plan(inventory, arch_spec, variant)
+    work = plan(inventory, arch_spec, variant, only)
     mode = "distributed" if broker else "embedded"
     run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout)
-    jobs = [(Job(run, version, arch.value, variant, timeout), _healthy(ledger, hosts)) for arch, hosts in work]
+    jobs = [
+        (Job(run, version, arch.value, variant, timeout, targeted=bool(only)), _healthy(ledger, hosts))
+        for arch, hosts in work
+    ]
     for job, _ in jobs:
         ledger.add_job(JobRecord(job.id, run, job.arch, job.variant))
     if on_start:

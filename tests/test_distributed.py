@@ -70,3 +70,23 @@ def test_resume_collects_what_workers_finished(env, redis_server, workers, tmp_p
     assert {j["arch"]: j["status"] for j in out["jobs"]} == {"x86_64": "ok", "s390x": "fake"}
     code, shown, _ = farm(env, "runs", "show", "1", "--json")
     assert shown["status"] == "done"
+
+
+def test_a_targeted_job_goes_to_its_hosts_own_queue(env, redis_server, workers, tmp_path):
+    """Two workers serve x86_64; --hosts sends the job to the named host's queue only.
+    The probe is the replaying stand-in (tests/standin.py)."""
+    from tests.standin import QEMU, standin_builddir
+    from tests.test_faults import local_inventory
+
+    standin = standin_builddir(tmp_path / "standin", delay=0.5)
+    inventory = str(local_inventory(tmp_path / "inventory.yaml", standin, ["x86-a", "x86-b"]))
+    workers.start("x86-a", inventory)
+    workers.start("x86-b", inventory)
+    for target in ("x86-b", "x86-a"):
+        code, out, err = farm(env, "probe", "--qemu", QEMU, "--arch", "x86_64", "--hosts", target,
+                              "--inventory", inventory, "--broker", redis_server.url, "--json")
+        assert out is not None, err
+        (job,) = out["jobs"]
+        assert (job["status"], job["host"]) == ("ok", target)
+    code, _, err = farm(env, "probe", "--qemu", QEMU, "--hosts", "nosuch", "--inventory", inventory)
+    assert code == 2 and "nosuch" in err

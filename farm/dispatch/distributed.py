@@ -19,15 +19,27 @@ import threading
 import time
 from collections.abc import Callable
 
+import celery.exceptions
+import kombu.exceptions
+import redis.exceptions
 from celery import Celery
 
 from farm.caps.arch import Architecture
 from farm.config import settings
+from farm.errors import FarmError
 from farm.jobs import RETRYABLE, Job, Outcome, execute, keep, run_job
 from farm.ledger import JobRecord, Ledger
 
 TASK = "farm.probe"
 POLL = 0.5  # seconds between looks at the results
+BROKER_PATIENCE = 300  # seconds the coordinator waits for an unreachable broker
+BROKER_ERRORS = (
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+    celery.exceptions.BackendError,
+)
 
 # The hosts this worker process serves, and a job slot per host (max_jobs).
 _served: dict[str, object] = {}
@@ -60,6 +72,9 @@ def make_app(broker: str) -> Celery:
         result_expires=7 * 24 * 3600,
         result_extended=True,
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a restarted Redis is waited for, not a reason to stop
+        result_backend_always_retry=True,
+        result_backend_max_retries=100,
         worker_hijack_root_logger=False,
         task_default_queue="farm.default",
     )
@@ -146,36 +161,62 @@ def dispatch(
             why = "no healthy host" if not hosts else "no live worker serves a healthy host"
             keep(ledger, _failed(job, f"{why} of {queue} (start one: farm worker --hosts HOST,...)"))
             continue
+        if job.targeted:  # the host's own queue: the worker serving it takes the job
+            queue = host_queue(served[0])
         sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue, task_id=job.id)
     return wait(app, sent, ledger, progress)
 
 
 def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str], None] | None = None) -> list[JobRecord]:
-    """Poll results until every sent job is done; keep each in the ledger as it ends."""
+    """Poll results until every sent job is done; keep each in the ledger as it ends.
+
+    While the broker is unreachable (a Redis restart) it keeps trying for
+    ``BROKER_PATIENCE`` seconds, then stops with an error naming `farm runs resume`.
+    """
     say = progress or (lambda job_id, message: None)
     done: list[JobRecord] = []
     shown: dict[str, str] = {}
+    unreachable_since = None
     while sent:
-        for job_id, result in list(sent.items()):
-            state = result.state
-            if state in ("STARTED", "PROGRESS", "RETRY"):
-                info = result.info if isinstance(result.info, dict) else {}
-                message = info.get("message") or state.lower()
-                if shown.get(job_id) != message:
-                    shown[job_id] = message
-                    if ": " in message:  # "<host>: <step>", as execute() reports
-                        ledger.start_job(job_id, message.split(": ", 1)[0])
-                    say(job_id, message)
-            elif state == "SUCCESS":
-                done.append(keep(ledger, Outcome.from_json(result.result)))
-                del sent[job_id]
-            elif state in ("FAILURE", "REVOKED"):
-                job = ledger.job(job_id)
-                done.append(keep(ledger, _failed(job, f"worker: {state.lower()}: {result.result!r}")))
-                del sent[job_id]
+        try:
+            for job_id, result in list(sent.items()):
+                record = _look(job_id, result, ledger, say, shown)
+                if record is not None:
+                    done.append(record)
+                    del sent[job_id]
+            unreachable_since = None
+        except BROKER_ERRORS as e:
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > BROKER_PATIENCE:
+                run = ledger.job(next(iter(sent))).run
+                raise FarmError(f"broker unreachable for {BROKER_PATIENCE} s ({e}); "
+                                f"the workers go on: collect with farm runs resume {run}") from None
+            for job_id in sent:
+                if shown.get(job_id) != "broker unreachable":
+                    shown[job_id] = "broker unreachable"
+                    say(job_id, "broker unreachable, waiting for it")
         if sent:
             time.sleep(POLL)
     return done
+
+
+def _look(job_id: str, result, ledger: Ledger, say, shown: dict) -> JobRecord | None:
+    """One look at a job's result: progress is shown, an end is kept and returned."""
+    state = result.state
+    if state in ("STARTED", "PROGRESS", "RETRY"):
+        info = result.info if isinstance(result.info, dict) else {}
+        message = info.get("message") or state.lower()
+        if shown.get(job_id) != message:
+            shown[job_id] = message
+            if ": " in message:  # "<host>: <step>", as execute() reports
+                ledger.start_job(job_id, message.split(": ", 1)[0])
+            say(job_id, message)
+    elif state == "SUCCESS":
+        return keep(ledger, Outcome.from_json(result.result))
+    elif state in ("FAILURE", "REVOKED"):
+        return keep(ledger, _failed(ledger.job(job_id), f"worker: {state.lower()}: {result.result!r}"))
+    return None
 
 
 def _failed(job, reason: str) -> Outcome:
