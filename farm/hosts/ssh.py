@@ -229,7 +229,10 @@ class SSHTransport:
         timed_out = False
         while True:
             moved = drain()
-            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+            # the end is the remote's EOF, not its exit status: OpenSSH may send the exit
+            # status while output it buffered is still on its way
+            if (channel.eof_received or channel.closed) and not channel.recv_ready() \
+                    and not channel.recv_stderr_ready():
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 timed_out = True
