@@ -13,12 +13,14 @@ does not validate), ``wrong-version`` (QEMU is not the release asked for),
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import platform
 import tempfile
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,24 +100,65 @@ class Outcome:
         return cls(JobRecord(**data["record"]), dump, data.get("name"), attempts)
 
 
-def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
-            attempt: Callable | None = None) -> Outcome:
-    """Run a job on the first host that can do it, trying the next host of the
-    same arch after an infrastructure failure.
+class HostSlots:
+    """Job slots of hosts (``max_jobs`` each): a job takes a free slot on any of its
+    candidate hosts, the least busy first, and waits while all of them are busy."""
 
-    ``attempt(job, host, progress)`` runs one attempt (default ``run_job``);
-    dispatchers wrap it, e.g. to hold a host's job slot.
+    def __init__(self, hosts: list):
+        self._free = {h.name: h.max_jobs for h in hosts}
+        self._changed = threading.Condition()
+
+    def add(self, hosts: list) -> None:
+        with self._changed:
+            for h in hosts:
+                self._free.setdefault(h.name, h.max_jobs)
+
+    @contextlib.contextmanager
+    def take(self, hosts: list) -> Iterator:
+        """A host of ``hosts`` with its slot held (None if ``hosts`` is empty)."""
+        if not hosts:
+            yield None
+            return
+        with self._changed:
+            while True:
+                free = [h for h in hosts if self._free[h.name] > 0]
+                if free:
+                    host = max(free, key=lambda h: self._free[h.name] / h.max_jobs)
+                    self._free[host.name] -= 1
+                    break
+                self._changed.wait()
+        try:
+            yield host
+        finally:
+            with self._changed:
+                self._free[host.name] += 1
+                self._changed.notify_all()
+
+
+def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
+            slots: HostSlots | None = None, on_start: Callable | None = None) -> Outcome:
+    """Run a job on a host that can do it, trying another host of the same arch
+    after an infrastructure failure, each host once.
+
+    ``slots`` (shared by the jobs of a dispatcher) decides which host and when;
+    ``on_start(job, host)`` is told when an attempt starts.
     """
-    attempt = attempt or run_job
     say = progress or (lambda message: None)
+    slots = slots or HostSlots(hosts)
     if not hosts:
         what = job.arch + (f"+{job.variant}" if job.variant else "")
         record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
         record.reasons = [f"no healthy host can probe {what} (quarantined hosts: farm hosts release NAME)"]
         return Outcome(record)
-    tried, attempts = [], []
-    for host in hosts:
-        outcome = attempt(job, host, lambda m, h=host.name: say(f"{h}: {m}"))
+    tried: list[str] = []
+    attempts: list[tuple[str, str, str]] = []
+    while True:
+        with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts}]) as host:
+            if host is None:
+                break
+            if on_start:
+                on_start(job, host)
+            outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"))
         r = outcome.record
         attempts.append((host.name, r.status, r.reasons[0] if r.reasons else ""))
         tried.append(f"{host.name}: {'; '.join(r.reasons)}")

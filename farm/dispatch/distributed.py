@@ -15,7 +15,6 @@ another worker, up to ``max_retries``. A fake or invalid dump is a result.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ from celery import Celery
 from farm.caps.arch import Architecture
 from farm.config import settings
 from farm.errors import FarmError
-from farm.jobs import RETRYABLE, Job, Outcome, execute, keep, run_job
+from farm.jobs import RETRYABLE, HostSlots, Job, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 TASK = "farm.probe"
@@ -41,9 +40,9 @@ BROKER_ERRORS = (
     celery.exceptions.BackendError,
 )
 
-# The hosts this worker process serves, and a job slot per host (max_jobs).
+# The hosts this worker process serves, and their job slots (max_jobs each).
 _served: dict[str, object] = {}
-_slots: dict[str, threading.BoundedSemaphore] = {}
+_slots = HostSlots([])
 
 
 def arch_queue(arch: str, variant: str | None = None) -> str:
@@ -89,7 +88,7 @@ def serve(app: Celery, hosts: list, loglevel: str = "INFO") -> None:
     """Run a Celery worker for ``hosts`` (blocks). One thread per job slot."""
     for host in hosts:
         _served[host.name] = host
-        _slots[host.name] = threading.BoundedSemaphore(host.max_jobs)
+    _slots.add(hosts)
     queues = set()
     for host in hosts:
         queues.add(arch_queue(host.arch.value))
@@ -114,11 +113,7 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
     def say(message: str) -> None:
         task.update_state(state="PROGRESS", meta={"message": message, "worker": task.request.hostname})
 
-    def attempt(job, host, progress):
-        with _slots[host.name]:
-            return run_job(job, host, progress)
-
-    outcome = execute(job, candidates, say, attempt)
+    outcome = execute(job, candidates, say, _slots)
     if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)

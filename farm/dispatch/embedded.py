@@ -6,11 +6,10 @@ one of the hosts of its arch.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from farm.jobs import Job, execute, keep, run_job
+from farm.jobs import HostSlots, Job, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 
@@ -18,30 +17,14 @@ def dispatch(
     work: list[tuple[Job, list]], ledger: Ledger, progress: Callable[[str, str], None] | None = None
 ) -> list[JobRecord]:
     """Run each (job, candidate hosts) pair; return the records in the same order."""
-    slots: dict[str, threading.BoundedSemaphore] = {}
-    for _, hosts in work:
-        for host in hosts:
-            slots.setdefault(host.name, threading.BoundedSemaphore(host.max_jobs))
+    slots = HostSlots([h for _, hosts in work for h in hosts])
 
-    busy: dict[str, int] = {name: 0 for name in slots}
-    lock = threading.Lock()
-
-    def attempt(job, host, say):
-        with slots[host.name]:
-            with lock:
-                busy[host.name] += 1
-            ledger.start_job(job.id, host.name)
-            try:
-                return run_job(job, host, say)
-            finally:
-                with lock:
-                    busy[host.name] -= 1
+    def started(job: Job, host) -> None:
+        ledger.start_job(job.id, host.name)
 
     def one(job: Job, hosts: list) -> JobRecord:
-        with lock:
-            ordered = sorted(hosts, key=lambda h: busy[h.name] / h.max_jobs)  # the least busy first
-        outcome = execute(job, ordered, lambda m: progress and progress(job.id, m), attempt)
-        return keep(ledger, outcome)
+        say = (lambda m: progress(job.id, m)) if progress else None
+        return keep(ledger, execute(job, hosts, say, slots, started))
 
     if not work:
         return []
