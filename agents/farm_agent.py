@@ -889,17 +889,36 @@ def wait_reaping(proc: "subprocess.Popen", deadline: float) -> Optional[int]:
     """Wait for proc until the monotonic deadline, reaping adopted orphans meanwhile.
 
     As subreaper we inherit the daemonized QEMU; libvirt kills it at the end and
-    polls until the pid is gone, so its zombie must be reaped promptly.
-    Returns the exit status, or None on timeout.
+    polls until the pid is gone, so its zombie must be reaped promptly. The wait
+    sleeps until a child changes state (SIGCHLD), so it costs nothing while the
+    probe works. Returns the exit status, or None on timeout.
     """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        while True:
+            status = proc.poll()
+            if status is not None:
+                return status
+            reap_children(exclude=proc.pid)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            signal.sigtimedwait([signal.SIGCHLD], min(remaining, 1.0))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def reap_children(exclude: int) -> None:
+    """Reap every exited child (adopted orphans too) but ``exclude``, which Popen collects."""
     while True:
-        status = proc.poll()
-        if status is not None:
-            return status
-        reap_adopted(exclude=proc.pid)
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid == exclude:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
 
 
 def signal_pids(pids: List[int], pgid: int, sig: int) -> None:
