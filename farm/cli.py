@@ -313,11 +313,47 @@ def cmd_probe(args) -> int:
             progress=progress.update, on_start=progress.start,
             only=[n.strip() for n in args.hosts.split(",") if n.strip()] if args.hosts else None,
         )
+    published = None
+    if args.publish:
+        published = _publish(args, record.id, progress=None if args.quiet else _say)
     if args.json:
-        _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs]})
+        _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs],
+                     **({"publication": published.to_json()} if published else {})})
     else:
         _print_run(record)
+        if published:
+            print(published.message)
     return OK if all(j.status == "ok" for j in record.jobs) else FINDINGS
+
+
+def cmd_publish(args) -> int:
+    publication = _publish(args, args.run, progress=None if args.quiet else _say)
+    if args.json:
+        _print_json(publication.to_json())
+        return OK
+    for d in publication.dumps:
+        print(f"{d.target.name}: {d.action}" + (f" ({d.commit[:12]} {d.subject})" if d.commit else ""))
+    for s in publication.skipped:
+        print(f"skipped: {s}")
+    print(publication.message)
+    return OK
+
+
+def _publish(args, run: int, progress=None):
+    """farm publish's options (and farm probe --publish's) into publish.publisher.publish."""
+    from farm.config import settings
+    from farm.publish import publisher
+
+    opts = publisher.options_from_settings(
+        settings(), Path(args.libvirt) if args.libvirt else None, mr=args.mr or None,
+        patches=Path(args.patches) if args.patches else None, dry_run=args.dry_run or None,
+        allow_fake=args.allow_fake or None, tests=publisher.run_tests_names(args.tests),
+    )
+    return publisher.publish(_ledger(), run, opts, progress)
+
+
+def _say(message: str) -> None:
+    print(f"farm: {message}", file=sys.stderr)
 
 
 def cmd_runs_resume(args) -> int:
@@ -389,13 +425,24 @@ def cmd_runs_list(args) -> int:
 
 def cmd_runs_show(args) -> int:
 
-    record = _ledger().run(args.run)
+    ledger = _ledger()
+    record = ledger.run(args.run)
+    publications = ledger.publications(args.run)
     if args.json:
-        _print_json(record.to_json())
+        _print_json({**record.to_json(), "publications": [p.to_json() for p in publications]})
     else:
         print(f"run {record.id}: QEMU {record.qemu}, {record.status}, started {_when(record.created)}, "
               f"inventory {record.inventory}")
         _print_run(record)
+        for p in publications:
+            print(f"published {_when(p.created)}: {p.status}"
+                  + (f", branch {p.branch} of {p.checkout}" if p.branch else f" ({p.checkout})"))
+            for c in p.commits:
+                print(f"  commit {c}")
+            if p.mr_url or p.details.get("mr_action"):
+                print(f"  merge request {p.details.get('mr_action') or ''}: {p.mr_url or '(by push options)'}")
+            for patch in p.patches:
+                print(f"  patch {patch}")
     return OK
 
 
@@ -528,6 +575,15 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
+def _publish_options(p) -> None:
+    p.add_argument("--libvirt", metavar="PATH", help="the libvirt checkout (default: $FARM_LIBVIRT_CHECKOUT)")
+    p.add_argument("--mr", action="store_true", help="push to the fork remote and create/update the merge request")
+    p.add_argument("--patches", metavar="DIR", help="write a git format-patch series with a cover letter")
+    p.add_argument("--dry-run", action="store_true", help="check and compare only: no branch, no commits")
+    p.add_argument("--allow-fake", action="store_true", help="publish fakes of archs libvirt expects real")
+    p.add_argument("--tests", metavar="NAME,...", help="capability tests to regenerate (default: all of the tree's)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -583,6 +639,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
+    p.add_argument("--publish", action="store_true", help="publish the run's dumps afterwards (as farm publish)")
+    _publish_options(p)
+
+    p = command(sub, "publish", cmd_publish, "put a run's dumps into the libvirt checkout: branch, tested "
+                "commits, merge request or patches")
+    p.add_argument("run", type=int, metavar="RUN")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _publish_options(p)
 
     p = command(sub, "worker", cmd_worker, "serve hosts' jobs from the broker (a Celery worker)")
     p.add_argument("--hosts", required=True, metavar="NAME,...", help="the inventory hosts this worker drives")
