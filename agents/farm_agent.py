@@ -11,6 +11,9 @@ run as an unprivileged user (in the kvm group).  Subcommands:
   toolchain  qemu --source tarball:PATH|git:URL@REF --target ARCH
                   [--cache DIR] [--python PATH] [--configure-arg ARG]... [--jobs N]
   probe      --probe PATH --qemu PATH --out FILE [--timeout SECONDS] [--force]
+  job        --libvirt SOURCE --target ARCH [--qemu-binary PATH|--qemu-source SPEC]
+             --out FILE [--timeout SECONDS] [--expect-arch ARCH] [--cache DIR]
+             (facts + toolchain libvirt + toolchain qemu + probe in one call)
 
 Every subcommand prints exactly one JSON object on stdout.  Progress of long
 steps goes to stderr, one line each, prefixed with "progress: ".  Failures print
@@ -1069,6 +1072,35 @@ def cmd_probe(args: argparse.Namespace) -> Dict:
     return result
 
 
+# --------------------------------------------------------------------------- job
+
+def cmd_job(args: argparse.Namespace) -> Dict:
+    """facts + toolchain libvirt + toolchain qemu + probe, in one call (one start-up per job).
+
+    Stops before building anything when the host is not of --expect-arch.
+    """
+    ns = argparse.Namespace
+    facts = cmd_facts(ns(cache=args.cache, target=[args.target]))
+    if args.expect_arch and QEMU_TARGET_ALIASES.get(facts["arch"], facts["arch"]) != qemu_target(args.expect_arch):
+        return {"ok": False, "error": "this host is %s, not %s" % (facts["arch"], args.expect_arch), "facts": facts}
+    libvirt = cmd_toolchain_libvirt(ns(source=args.libvirt, tarball=None, cache=args.cache, jobs=None))
+    if args.qemu_source:
+        qemu = cmd_toolchain_qemu(ns(binary=None, source=args.qemu_source, target=args.target, cache=args.cache,
+                                     python=None, configure_arg=None, jobs=None))
+    elif args.qemu_binary:
+        qemu = cmd_toolchain_qemu_binary(args.qemu_binary)
+    else:
+        found = [q for q in facts["qemu"] if q.get("arch") == qemu_target(args.target) and q.get("version")]
+        if not found:
+            raise AgentError("no working qemu-system-%s on PATH" % qemu_target(args.target))
+        qemu = dict(found[0], ok=True)
+    probe = cmd_probe(ns(probe=libvirt["probe"], qemu=qemu["path"], out=args.out, timeout=args.timeout, force=False))
+    result = {"ok": probe["ok"], "facts": facts, "libvirt": libvirt, "qemu": qemu, "probe": probe}
+    if not probe["ok"]:
+        result["error"] = probe.get("error")
+    return result
+
+
 # --------------------------------------------------------------------------- CLI
 
 class JsonArgumentParser(argparse.ArgumentParser):
@@ -1138,6 +1170,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--out", required=True, help="where to write the .replies dump")
     probe.add_argument("--timeout", type=positive_float, default=600.0, help="seconds (600)")
     probe.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+    job = sub.add_parser("job", help="facts, toolchain and probe in one call")
+    job.add_argument("--libvirt", required=True, help="libvirt source, as toolchain libvirt --source")
+    job.add_argument("--target", required=True, help="guest arch of the QEMU, e.g. x86_64")
+    job.add_argument("--qemu-binary", help="this qemu-system binary (default: qemu-system-TARGET on PATH)")
+    job.add_argument("--qemu-source", help="build QEMU from tarball:PATH or git:URL@REF")
+    job.add_argument("--out", required=True, help="where to write the .replies dump")
+    job.add_argument("--timeout", type=positive_float, default=600.0, help="probe seconds (600)")
+    job.add_argument("--expect-arch", help="refuse to work unless this host is of this arch")
+    job.add_argument("--cache")
     return parser
 
 
@@ -1147,7 +1189,7 @@ def emit(obj: Dict) -> None:
     sys.stdout.flush()
 
 
-COMMANDS = {"facts": cmd_facts, "toolchain": cmd_toolchain, "probe": cmd_probe}
+COMMANDS = {"facts": cmd_facts, "toolchain": cmd_toolchain, "probe": cmd_probe, "job": cmd_job}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -31,7 +31,7 @@ from farm.caps.inspect import Verdict, inspect
 from farm.caps.names import DumpName
 from farm.caps.version import QemuVersion
 from farm.hosts import HostError, transport_for
-from farm.hosts.agent import Agent
+from farm.hosts.agent import Agent, AgentError
 from farm.ledger import JobRecord, Ledger
 
 PROBE_TIMEOUT = 600.0
@@ -196,20 +196,27 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
     outcome = Outcome(record)
     try:
         agent = Agent(transport_for(host), host, say)
-        say("agent facts")
-        facts = agent.facts(Architecture.parse(job.arch).qemu_target)
-        provenance["host"]["facts"] = facts
-        _check_host(host, facts)
-        say(f"toolchain: libvirt {host.toolchain.libvirt}")
-        libvirt = agent.libvirt(host.toolchain.libvirt)
-        provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
-        qemu = _qemu(agent, host, facts, job, say)
-        provenance["qemu"] = qemu
         with tempfile.TemporaryDirectory(prefix="farm-job-") as tmp, agent.transport.scratch() as scratch:
             local = Path(tmp) / str(job.name)
             remote = f"{scratch}/{job.name}"
-            say(f"probing {qemu['path']}")
-            probe = agent.probe(libvirt["probe"], qemu["path"], remote, job.probe_timeout)
+            say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
+            reply = agent.job(
+                host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, remote, job.probe_timeout,
+                expect_arch=None if host.transport == "local" else host.arch.value, **_qemu_args(host, job),
+            )
+            if reply.get("facts"):
+                provenance["host"]["facts"] = reply["facts"]
+                _check_host(host, reply["facts"])
+            if "probe" not in reply:
+                raise AgentError(f"host {host.name!r}: agent job: {reply.get('error')}")
+            libvirt, qemu, probe = reply["libvirt"], reply["qemu"], reply["probe"]
+            provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
+            provenance["qemu"] = {
+                "path": qemu.get("path") or qemu.get("binary"),
+                "version": qemu.get("version"),
+                "version_line": qemu.get("version_line"),
+                "origin": _qemu_origin(host, job),
+            }
             provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
             if probe.get("timed_out"):
                 raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
@@ -217,7 +224,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
                 tail = (probe.get("stderr_tail") or "").strip().splitlines()[-3:]
                 raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail))
             agent.transport.get(remote, local)
-            outcome.name = str(_judge(job, record, local, facts, provenance))
+            outcome.name = str(_judge(job, record, local, reply["facts"], provenance))
             outcome.dump = local.read_text(encoding="utf-8")
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
@@ -239,32 +246,25 @@ def _check_host(host, facts: dict) -> None:
         raise HostError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
 
 
-def _qemu(agent: Agent, host, facts: dict, job: Job, say) -> dict:
-    """The QEMU binary to probe, per the host's toolchain (built from source if asked)."""
+def _qemu_spec(host, job: Job) -> str:
+    """The host's QEMU source for this job: a git source builds the tag of the release asked for."""
     source = host.toolchain.qemu_source
-    target = Architecture.parse(job.arch).qemu_target
-    if source.kind == "system":
-        found = [q for q in facts.get("qemu", []) if q.get("arch") == target and q.get("version")]
-        if not found:
-            raise HostError(f"host {host.name!r}: no working qemu-system-{target} on PATH")
-        info = found[0]
-        origin = "system"
-    elif source.kind == "binary":
-        info = agent.qemu_binary(source.location)
-        origin = f"binary:{source.location}"
-    else:
-        spec = host.toolchain.qemu
-        if source.kind == "git":  # the release asked for, by its tag
-            spec = f"git:{source.location}@v{job.qemu}"
-        say(f"toolchain: QEMU {spec} ({target}-softmmu)")
-        info = agent.qemu_build(spec, target)
-        origin = spec
-    return {
-        "path": info.get("path") or info.get("binary"),
-        "version": info.get("version"),
-        "version_line": info.get("version_line"),
-        "origin": origin,
-    }
+    if source.kind == "git":
+        return f"git:{source.location}@v{job.qemu}"
+    return host.toolchain.qemu
+
+
+def _qemu_args(host, job: Job) -> dict:
+    kind = host.toolchain.qemu_source.kind
+    if kind == "system":
+        return {}
+    if kind == "binary":
+        return {"qemu_binary": host.toolchain.qemu_source.location}
+    return {"qemu_source": _qemu_spec(host, job)}
+
+
+def _qemu_origin(host, job: Job) -> str:
+    return "system" if host.toolchain.qemu_source.kind == "system" else _qemu_spec(host, job)
 
 
 def _judge(job: Job, record: JobRecord, path: Path, facts: dict, provenance: dict) -> DumpName:

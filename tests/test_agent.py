@@ -391,3 +391,27 @@ def test_toolchain_libvirt_git_source(probe_cache):
     code, answer, _ = run_agent("toolchain", "libvirt", "--source",
                                 "git:file://%s@no-such-branch" % repo, "--cache", str(probe_cache))
     assert code == 1 and "no-such-branch" in answer["error"]
+
+
+def test_job_refuses_a_host_of_another_arch_before_building_anything(tmp_path):
+    """`job` = facts + toolchains + probe in one run; a wrong-arch host gets no build, no probe."""
+    other = "s390x" if os.uname().machine != "s390x" else "x86_64"
+    code, answer, _ = run_agent("job", "--libvirt", "debian:11.3.0-3+deb13u3", "--target", other,
+                                "--out", str(tmp_path / "out.replies"), "--expect-arch", other,
+                                "--cache", str(tmp_path / "cache"))
+    assert code == 1 and not answer["ok"]
+    assert answer["error"] == "this host is %s, not %s" % (os.uname().machine, other)
+    assert answer["facts"]["arch"] == os.uname().machine
+    assert "probe" not in answer and "libvirt" not in answer
+    assert not (tmp_path / "cache" / "libvirt").exists() and not (tmp_path / "out.replies").exists()
+
+
+@pytest.mark.slow
+def test_job_probes_in_one_call(probe_cache, tmp_path):
+    out = tmp_path / "caps.replies"
+    code, answer, _ = run_agent("job", "--libvirt", "debian:11.3.0-3+deb13u3", "--target", "x86_64",
+                                "--out", str(out), "--cache", str(probe_cache), timeout=3600)
+    assert code == 0 and answer["ok"], answer
+    assert answer["libvirt"]["libvirt_version"] == "11.3.0"
+    assert answer["qemu"]["path"].endswith("qemu-system-x86_64")
+    assert answer["probe"]["sha256"] and out.stat().st_size == answer["probe"]["size"]

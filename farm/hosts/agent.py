@@ -145,23 +145,14 @@ class Agent:
         """Host facts; with ``target`` only that qemu-system-TARGET is looked at (faster)."""
         return self.call("facts", "--cache", self.cache, *(["--target", target] if target else []))
 
-    def libvirt(self, source: str) -> dict:
-        """Prepare (or find cached) qemucapsprobe from ``debian:VERSION`` or ``git:URL@REF``."""
-        return self.call("toolchain", "libvirt", "--source", source, "--cache", self.cache, timeout=BUILD_TIMEOUT)
-
-    def qemu_binary(self, path: str) -> dict:
-        return self.call("toolchain", "qemu", "--binary", path)
-
-    def qemu_build(self, source: str, target: str) -> dict:
-        return self.call(
-            "toolchain", "qemu", "--source", source, "--target", target, "--cache", self.cache,
-            timeout=BUILD_TIMEOUT,
-        )
-
-    def probe(self, probe: str, qemu: str, out: str, timeout: float) -> dict:
-        """Run qemucapsprobe; the reply says whether it worked (ok, timed_out, stderr_tail)."""
-        return self.call(
-            "probe", "--probe", probe, "--qemu", qemu, "--out", out, "--timeout", str(timeout),
-            timeout=timeout + 60,
-            check=False,
-        )
+    def job(self, libvirt: str, target: str, out: str, timeout: float, qemu_binary: str | None = None,
+            qemu_source: str | None = None, expect_arch: str | None = None) -> dict:
+        """facts + toolchains + probe in one agent run. The reply says how far it got:
+        ``facts`` (always, unless the agent failed early), ``libvirt``, ``qemu``, ``probe``."""
+        args = ["job", "--libvirt", libvirt, "--target", target, "--out", out, "--timeout", str(timeout),
+                "--cache", self.cache]
+        for flag, value in (("--qemu-binary", qemu_binary), ("--qemu-source", qemu_source),
+                            ("--expect-arch", expect_arch)):
+            if value:
+                args += [flag, value]
+        return self.call(*args, timeout=BUILD_TIMEOUT + timeout, check=False)
