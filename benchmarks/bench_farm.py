@@ -175,14 +175,14 @@ def _instrument(steps: Steps) -> None:
     from farm.hosts.agent import Agent
     from farm.hosts.ssh import SSHTransport
 
-    run_job = embedded.run_job
+    run_job = jobs.run_job
 
     def timed_run_job(job, host, progress=None):
         steps.begin()
         with steps.timed("run_job"):
             return run_job(job, host, progress)
 
-    embedded.run_job = timed_run_job
+    jobs.run_job = timed_run_job
     steps.wrap(embedded, "keep", "keep")
     steps.wrap(jobs, "Agent", "agent()")  # install check (cached per transport after the warm-up)
     steps.wrap(Agent, "call", lambda self, *args, **kw: f"agent {args[0]}" + (f" {args[1]}" if args[0] == "toolchain" else ""))
