@@ -289,12 +289,11 @@ def test_gitlab_merge_request_created_then_updated(tmp_path: Path):
     assert ("POST", "merge_requests") in methods and ("PUT", "1") in methods
 
 
-def test_push_options_reach_the_remote(tmp_path: Path, mini: Remotes):
-    """-o merge_request.create ...: a bare repo advertising push options records them in a pre-receive hook."""
-    remote = tmp_path / "gitlab.git"
-    subprocess.run(["git", "init", "--quiet", "--bare", str(remote)], check=True)
+def hooked_remote(remote: Path, record: Path) -> Path:
+    """A bare repo advertising push options, whose pre-receive hook appends them to ``record``."""
+    if not remote.exists():
+        subprocess.run(["git", "init", "--quiet", "--bare", str(remote)], check=True)
     git(remote, "config", "receive.advertisePushOptions", "true")
-    record = tmp_path / "push-options.txt"
     hook = remote / "hooks" / "pre-receive"
     hook.write_text(textwrap.dedent(f"""\
         #!/bin/sh
@@ -305,6 +304,13 @@ def test_push_options_reach_the_remote(tmp_path: Path, mini: Remotes):
         done
     """))
     hook.chmod(0o755)
+    return remote
+
+
+def test_push_options_reach_the_remote(tmp_path: Path, mini: Remotes):
+    """-o merge_request.create ...: a bare repo advertising push options records them in a pre-receive hook."""
+    record = tmp_path / "push-options.txt"
+    remote = hooked_remote(tmp_path / "gitlab.git", record)
     git(mini.tree, "remote", "add", "gitlab", str(remote))
     git(mini.tree, "checkout", "--quiet", "-b", "qemucaps/qemu-9.2.0-20250102")
     options = merge_requests.push_options("master", "qemucapabilitiesdata: Update test data")
@@ -498,3 +504,23 @@ def test_unreachable_fork_leaves_the_checkout_as_it_was(env, libvirt: Remotes, t
     assert TOKEN not in err
     assert snapshot(tree) == before
     assert stub.requests == []  # GitLab was never asked
+
+
+@pytest.mark.slow
+@needs_kvm
+@needs_x86
+def test_merge_request_by_push_options(env, libvirt: Remotes, tmp_path: Path):
+    """FARM_MR_METHOD=push-options: no API, no token; the fork receives the branch with GitLab's options."""
+    record = tmp_path / "push-options.txt"
+    hooked_remote(libvirt.fork, record)
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--json", "--quiet")
+    assert code == 0, err
+    env["FARM_MR_METHOD"] = "push-options"
+    code, published, err = farm(env, "publish", str(out["run"]), "--mr", "--tests", "qemucapabilitiestest", "--json")
+    assert code == 0, err
+    assert published["mr_action"] == "pushed" and published["mr_url"] is None
+    assert record.read_text().splitlines() == [
+        "merge_request.create", "merge_request.target=main",
+        "merge_request.title=qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64",
+        "merge_request.remove_source_branch"]
+    assert git(str(libvirt.fork), "rev-parse", f"refs/heads/{published['branch']}") == published["commits"][0]
