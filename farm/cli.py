@@ -386,6 +386,21 @@ def cmd_worker(args) -> int:
     return OK
 
 
+def cmd_dashboard(args) -> int:
+    import uvicorn
+
+    from farm.config import settings
+    from farm.inventory import resolve_inventory
+    from farm.web.app import create_app
+
+    s = settings()
+    tree = Path(args.libvirt) if args.libvirt else s.libvirt_checkout
+    app = create_app(_ledger(), resolve_inventory(args.inventory), tree, s.dashboard_secret())
+    print(f"farm: dashboard on http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return OK
+
+
 def _ledger():
     from farm.config import settings
     from farm.ledger import Ledger
@@ -653,6 +668,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
+
+    p = command(sub, "dashboard", cmd_dashboard, "serve the web dashboard: coverage, hosts, runs, JSON API, /metrics")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--libvirt", metavar="PATH", help="libvirt tree to show coverage of (default: $FARM_LIBVIRT_CHECKOUT)")
 
     rsub = group("runs", "the ledger of runs and their jobs")
     p = command(rsub, "list", cmd_runs_list, "recent runs")

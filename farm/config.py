@@ -79,13 +79,19 @@ class Settings(BaseSettings):
         None, description="GitLab access token (scope api); prefer FARM_GITLAB_TOKEN_FILE."
     )
     gitlab_token_file: Path | None = Field(None, description="A file holding the GitLab access token.")
+    dashboard_token: SecretStr | None = Field(
+        None, description="Bearer token for the dashboard's actions (release a host); prefer the token file."
+    )
+    dashboard_token_file: Path | None = Field(
+        None, description="A file holding the dashboard's bearer token; unset (and no token): actions disabled."
+    )
     git_name: str | None = Field(None, description="Author name of publish commits (default: git config user.name).")
     git_email: str | None = Field(
         None, description="Author email of publish commits and Signed-off-by (default: git config user.email)."
     )
 
     @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "libvirt_build_dir",
-                     "gitlab_token_file", mode="before")
+                     "gitlab_token_file", "dashboard_token_file", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         if value == "":
@@ -121,6 +127,20 @@ class Settings(BaseSettings):
             raise UsageError(f"{self.gitlab_token_file}: cannot read the GitLab token: {e.strerror}") from None
         if not token:
             raise UsageError(f"{self.gitlab_token_file}: the GitLab token file is empty")
+        return token
+
+    def dashboard_secret(self) -> str | None:
+        """The dashboard's action token: $FARM_DASHBOARD_TOKEN, else the token file's content; None: no actions."""
+        if self.dashboard_token and self.dashboard_token.get_secret_value().strip():
+            return self.dashboard_token.get_secret_value().strip()
+        if self.dashboard_token_file is None:
+            return None
+        try:
+            token = self.dashboard_token_file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UsageError(f"{self.dashboard_token_file}: cannot read the dashboard token: {e.strerror}") from None
+        if not token:
+            raise UsageError(f"{self.dashboard_token_file}: the dashboard token file is empty")
         return token
 
     def public(self) -> dict[str, str | None]:

@@ -1,0 +1,1 @@
+"""The dashboard: web pages, JSON API and /metrics over the ledger."""
