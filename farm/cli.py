@@ -386,6 +386,15 @@ def cmd_worker(args) -> int:
     return OK
 
 
+def cmd_ansible_inventory(args) -> int:
+    from farm.ansible_inventory import ansible_host, ansible_list
+    from farm.inventory import resolve_inventory
+
+    inventory = resolve_inventory(args.inventory)
+    _print_json(ansible_host(inventory, args.host) if args.host else ansible_list(inventory))
+    return OK
+
+
 def cmd_dashboard(args) -> int:
     import uvicorn
 
@@ -668,6 +677,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
+
+    p = sub.add_parser("ansible-inventory", help="the inventory as Ansible's dynamic inventory (JSON)",
+                       description="the inventory as Ansible's dynamic inventory (JSON): groups agents, "
+                       "arch_<arch>, tag_<tag>, coordinator; host variables ansible_* and farm_*")
+    p.set_defaults(func=cmd_ansible_inventory)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--list", action="store_true", help="all groups and hosts, with _meta.hostvars")
+    what.add_argument("--host", metavar="NAME", help="one host's variables")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
 
     p = command(sub, "dashboard", cmd_dashboard, "serve the web dashboard: coverage, hosts, runs, JSON API, /metrics")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -271,19 +271,20 @@ class SSHHosts:
         self._caches = 0
         self._start = (os.getpid() * 7) % SUBNETS
 
-    def create(self, count: int = 1, prefix: str = "ssh") -> list[SSHHost]:
-        """``count`` new hosts named PREFIX-1, PREFIX-2, ... (numbered on across calls), sshd running."""
+    def create(self, count: int = 1, prefix: str = "ssh", root: bool = False) -> list[SSHHost]:
+        """``count`` new hosts named PREFIX-1, PREFIX-2, ... (numbered on across calls), sshd running.
+        With ``root``, root may log in too, with the same client key (for provisioning tests)."""
         first = sum(1 for h in self.hosts if h.name.startswith(f"{prefix}-")) + 1
         names = [f"{prefix}-{first + i}" for i in range(count)]
         with ThreadPoolExecutor(max_workers=min(8, count)) as pool:
-            hosts = list(pool.map(self._create_one, names))
+            hosts = list(pool.map(lambda name: self._create_one(name, root), names))
         for host in hosts:
             host.start(wait=False)
         for host in hosts:
             host.wait_started()
         return hosts
 
-    def _create_one(self, name: str) -> SSHHost:
+    def _create_one(self, name: str, root: bool = False) -> SSHHost:
         with self._lock:
             k, handle = _claim_subnet(self._start)
             self._subnets.append(handle)
@@ -311,8 +312,8 @@ class SSHHosts:
             f"HostKey {key}\n"
             f"PidFile {hostdir}/sshd.pid\n"
             f"AuthorizedKeysFile {self.authorized_keys}\n"
-            f"AllowUsers {FARM_USER}\n"
-            "PermitRootLogin no\n"
+            f"AllowUsers {FARM_USER}{' root' if root else ''}\n"
+            f"PermitRootLogin {'prohibit-password' if root else 'no'}\n"
             "PubkeyAuthentication yes\n"
             "PasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\n"
