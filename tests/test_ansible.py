@@ -154,7 +154,7 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
     assert done.returncode == 0 and recap["localhost"]["failed"] == 0, done.stdout + done.stderr
     diff = done.stdout
     assert f"10.1.0.5 {keys[0]}" in diff and f"[z1.example.org]:2222 {keys[1]}" in diff
-    assert "ExecStart=" in diff and "worker --hosts %i" in diff and "dashboard --listen 127.0.0.1:8080" in diff
+    assert "ExecStart=" in diff and "worker --hosts %i" in diff and "dashboard --host 127.0.0.1 --port 8080" in diff
     # the enable/start tasks are skipped: this container's service manager is not systemd
     assert "A worker per SSH-served host (systemd hosts only)" in diff
     assert not out_dir.exists(), "check mode wrote files"
