@@ -410,6 +410,42 @@ def cmd_dashboard(args) -> int:
     return OK
 
 
+def cmd_nightly(args) -> int:
+    """Thin: farm.nightly does the work; without --once, one pass at each time of FARM_NIGHTLY_CRON."""
+    import datetime
+    import time
+
+    from farm import nightly
+    from farm.config import settings
+    from farm.inventory import resolve_inventory
+    from farm.publish import publisher
+
+    s = settings()
+    tree = Path(args.libvirt) if args.libvirt else s.libvirt_checkout
+    if args.publish and tree is None:
+        raise UsageError("--publish needs a libvirt checkout: --libvirt PATH or FARM_LIBVIRT_CHECKOUT")
+    say = None if args.quiet else _say
+
+    def one_pass() -> int:
+        result = nightly.run_pass(
+            s, resolve_inventory(args.inventory), _ledger(), tree, dry_run=args.dry_run, publish=args.publish,
+            broker=_broker(args), say=say, publish_options=lambda: publisher.options_from_settings(s, tree),
+        )
+        print(nightly.to_json_text(result) if args.json else nightly.render(result), flush=True)
+        return FINDINGS if result.failed else OK
+
+    if args.once or args.dry_run:
+        return one_pass()
+    while True:
+        when = nightly.next_time(s.nightly_cron)
+        _say(f"next nightly pass at {when:%Y-%m-%d %H:%M %Z}")
+        time.sleep(max(0.0, (when - datetime.datetime.now().astimezone()).total_seconds()))
+        try:
+            one_pass()
+        except FarmError as e:  # a bad night (QEMU's server down) does not end the loop
+            print(f"farm: nightly: {e}", file=sys.stderr, flush=True)
+
+
 def _ledger():
     from farm.config import settings
     from farm.ledger import Ledger
@@ -692,6 +728,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
     p.add_argument("--libvirt", metavar="PATH", help="libvirt tree to show coverage of (default: $FARM_LIBVIRT_CHECKOUT)")
+
+    p = command(sub, "nightly", cmd_nightly, "probe the QEMU releases (and release candidates) the ledger and the "
+                "libvirt tree lack, or have only stale results of; publish when the data changed")
+    p.add_argument("--once", action="store_true", help="one pass now (default: a pass at each FARM_NIGHTLY_CRON time)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only: no probe, no publishing")
+    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--libvirt", metavar="PATH", help="libvirt tree whose coverage counts, and that --publish "
+                   "publishes into (default: $FARM_LIBVIRT_CHECKOUT; unset: the ledger alone)")
+    p.add_argument("--publish", action="store_true", help="publish each run's dumps (as farm publish)")
+    p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     rsub = group("runs", "the ledger of runs and their jobs")
     p = command(rsub, "list", cmd_runs_list, "recent runs")

@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     git_email: str | None = Field(
         None, description="Author email of publish commits and Signed-off-by (default: git config user.email)."
     )
+    qemu_git_url: str = Field(
+        "https://gitlab.com/qemu-project/qemu.git",
+        description="QEMU's git repository; farm nightly reads its release tags (git ls-remote --tags).",
+    )
+    nightly_min_qemu: str = Field("9.0.0", description="Oldest QEMU release farm nightly probes.")
+    nightly_cron: str = Field(
+        "0 2 * * *", description="When farm nightly without --once runs a pass (cron expression, local time)."
+    )
 
     @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "libvirt_build_dir",
                      "gitlab_token_file", "dashboard_token_file", mode="before")

@@ -1,0 +1,356 @@
+"""Nightly runs: discover QEMU releases, probe what the ledger and the libvirt tree lack, publish.
+
+One pass (``farm nightly --once``):
+
+1. discover: ``git ls-remote --tags QEMU_GIT_URL`` gives the tags ``vX.Y.Z`` (releases) and
+   ``vX.Y.Z-rcN`` (release candidates); ``git ls-remote QEMU_GIT_URL HEAD`` the development head,
+   which is noted in the plan but not probed. libvirt files its dumps per ``X.Y.0``, so the
+   candidates are the ``X.Y.0`` releases at or above ``nightly_min_qemu``: the release when it is
+   tagged, else its newest release candidate (probed as ``X.Y.0``: a release candidate reports
+   ``X.(Y-1).9N`` and is filed under ``X.Y.0``). Stable releases ``X.Y.Z`` (Z > 0) are listed only.
+2. plan, for each candidate x each arch of the inventory (no variants), from the ledger's final jobs
+   of that release and arch (any run):
+   - a result is *current* when it was made with the hosts' current libvirt probe (provenance
+     ``libvirt.source`` equal to the toolchain's ``libvirt``, and ``libvirt.commit`` equal to the
+     toolchain's commit when that is known: a ``git:URL@REF`` toolchain is resolved with
+     ``git ls-remote``) and with QEMU of the current candidate (a result of a release candidate
+     is not current once the release or a later candidate is tagged);
+   - a current ``ok`` result with verdict ``real``: covered, nothing to do;
+   - a current ``ok`` (fake, TCG), ``fake``, ``invalid`` or ``wrong-version`` result: tried, not
+     retried (the same toolchain would give the same answer) until the toolchain or the tag changes;
+   - only results that are not current: *stale*, probed again;
+   - no result at all: covered when the libvirt tree has a real dump of it, else *missing*, probed;
+   - infrastructure failures (``failed``, ``timeout``) are not results: probed again next night.
+3. probe: one run per release (farm.run.probe, embedded or on the broker), over the arches planned.
+4. publish (with ``publish``): each run through farm.publish.publisher; a run without a dump to
+   publish, or whose dumps equal the tree's, publishes nothing.
+
+A second pass the same night plans nothing: the first pass' results are current ledger entries.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.caps.version import QemuVersion
+from farm.errors import FarmError, UsageError
+from farm.ledger import Ledger
+
+_TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-9]+))?")
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+TRIED = ("ok", "fake", "invalid", "wrong-version")  # final statuses that are an answer, not an accident
+GIT_TIMEOUT = 300
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    version: QemuVersion  # the release it is of (a release candidate: the release it leads to)
+    rc: int | None = None
+
+    def to_json(self) -> dict:
+        return {"tag": self.name, "version": str(self.version), "rc": self.rc}
+
+
+@dataclass
+class Discovery:
+    url: str
+    tags: list[Tag]
+    head: str | None
+
+    def candidates(self, minimum: QemuVersion) -> list[Tag]:
+        """Per X.Y.0 release at or above ``minimum``: its tag, else its newest release candidate."""
+        best: dict[QemuVersion, Tag] = {}
+        for t in self.tags:
+            if t.version.micro or t.version < minimum:
+                continue
+            old = best.get(t.version)
+            if old is None or _rank(t) > _rank(old):
+                best[t.version] = t
+        return [best[v] for v in sorted(best)]
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "head": self.head, "tags": [t.to_json() for t in self.tags]}
+
+
+def _rank(t: Tag) -> int:
+    return 1_000_000 if t.rc is None else t.rc
+
+
+@dataclass
+class Item:
+    qemu: str
+    tag: str
+    arch: str
+    action: str  # probe | skip
+    why: str  # missing | stale: ... | covered | tried: STATUS | in tree
+
+    def to_json(self) -> dict:
+        return {"qemu": self.qemu, "tag": self.tag, "arch": self.arch, "action": self.action, "why": self.why}
+
+
+@dataclass
+class Pass:
+    discovery: Discovery
+    items: list[Item]
+    dry_run: bool
+    runs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def plan(self) -> list[Item]:
+        return [i for i in self.items if i.action == "probe"]
+
+    @property
+    def failed(self) -> bool:
+        return any(j["status"] in ("failed", "timeout") for r in self.runs for j in r["jobs"]) or any(
+            "error" in (r.get("publication") or {}) for r in self.runs)
+
+    def to_json(self) -> dict:
+        return {"qemu": self.discovery.to_json(), "dry_run": self.dry_run,
+                "plan": [i.to_json() for i in self.plan],
+                "skipped": [i.to_json() for i in self.items if i.action == "skip"],
+                "runs": self.runs, "notes": self.notes}
+
+
+# ------------------------------------------------------------------------------ discovery
+
+
+def _git(*args: str) -> str:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        done = subprocess.run(["git", *args], check=False, capture_output=True, text=True, timeout=GIT_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        raise FarmError(f"git {' '.join(args)}: no answer within {GIT_TIMEOUT} s") from None
+    if done.returncode:
+        raise FarmError(f"git {' '.join(args)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
+
+
+def parse_tags(ls_remote: str) -> list[Tag]:
+    """The release and release-candidate tags of ``git ls-remote --tags`` output."""
+    tags: dict[str, Tag] = {}
+    for line in ls_remote.splitlines():
+        _, _, ref = line.partition("\t")
+        name = ref.removeprefix("refs/tags/").removesuffix("^{}")
+        m = _TAG.fullmatch(name)
+        if m:
+            tags[name] = Tag(name, QemuVersion(int(m[1]), int(m[2]), int(m[3])), int(m[4]) if m[4] else None)
+    return sorted(tags.values(), key=lambda t: (t.version, _rank(t)))
+
+
+def discover(url: str) -> Discovery:
+    tags = parse_tags(_git("ls-remote", "--tags", url))
+    head = _git("ls-remote", url, "HEAD").split("\t", 1)[0].strip() or None
+    return Discovery(url, tags, head)
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def current_libvirt(inventory, arch: str, resolve: Callable[[str, str], str | None]) -> list[dict]:
+    """The libvirt probe sources of the hosts of ``arch``: {"source", "commit" (None: not known)}."""
+    found = []
+    for host in inventory.hosts:
+        if host.arch.value != arch:
+            continue
+        source = host.toolchain.libvirt_source
+        commit = None
+        if source.kind == "git":
+            commit = source.ref if _HEX40.fullmatch(source.ref) else resolve(source.location, source.ref)
+        entry = {"source": host.toolchain.libvirt, "commit": commit}
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def _ls_remote_ref(url: str, ref: str) -> str | None:
+    try:
+        out = _git("ls-remote", url, ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}")
+    except FarmError:
+        return None
+    lines = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    peeled = [sha for sha, name in lines if name.endswith("^{}")]
+    return (peeled or [sha for sha, _ in lines] or [None])[0]
+
+
+def _made_with(provenance: dict | None, libvirts: list[dict]) -> bool:
+    made = (provenance or {}).get("libvirt") or {}
+    return any(made.get("source") == lv["source"] and (lv["commit"] is None or made.get("commit") == lv["commit"])
+               for lv in libvirts)
+
+
+def _of_candidate(provenance: dict | None, tag: Tag) -> bool:
+    """Was the result made with QEMU of ``tag`` (a release: not a development QEMU; rcN: rcN or later)?"""
+    p = provenance or {}
+    text = (((p.get("verdict") or {}).get("facts") or {}).get("qemu_version")  # the dump's own query-version
+            or (p.get("qemu") or {}).get("version"))
+    try:
+        made = QemuVersion.parse(str(text).split()[0]) if text else None
+    except (UsageError, IndexError):
+        made = None
+    if made is None:
+        return True  # cannot tell: trust the run's release
+    if tag.rc is None:
+        return not made.is_development
+    return not made.is_development or made.micro >= 90 + tag.rc
+
+
+def ledger_results(ledger: Ledger) -> dict[tuple[str, str], list]:
+    """Final jobs without variant, by (release, arch), newest first."""
+    results: dict[tuple[str, str], list] = {}
+    for run in ledger.runs(limit=-1):
+        if run.variant:
+            continue
+        for job in run.jobs:
+            if job.final and not job.variant:
+                results.setdefault((run.qemu, job.arch), []).append(job)
+    return results
+
+
+def tree_real(tree: Path | None) -> set[tuple[str, str]]:
+    """(release, arch) of the libvirt tree's real dumps (no variants)."""
+    if tree is None:
+        return set()
+    from farm.coverage import coverage
+
+    return {(str(c.version), c.column) for c in coverage(tree).cells if c.inspection.verdict.value == "real"}
+
+
+def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, tree: Path | None,
+         resolve: Callable[[str, str], str | None] = _ls_remote_ref) -> list[Item]:
+    archs = list(dict.fromkeys(h.arch.value for h in inventory.hosts))
+    results = ledger_results(ledger)
+    in_tree = tree_real(tree)
+    libvirts = {arch: current_libvirt(inventory, arch, resolve) for arch in archs}
+    items = []
+    for tag in discovery.candidates(minimum):
+        qemu = str(tag.version)
+        for arch in archs:
+            jobs = results.get((qemu, arch), [])
+            answers = [j for j in jobs if j.status in TRIED]
+            current = [j for j in answers if _made_with(j.provenance, libvirts[arch]) and _of_candidate(j.provenance, tag)]
+            if any(j.status == "ok" and j.verdict == "real" for j in current):
+                action, why = "skip", "covered"
+            elif current:
+                action, why = "skip", f"tried: {current[0].status} (run {current[0].run})"
+            elif answers:
+                action, why = "probe", _stale_reason(answers[0], libvirts[arch], tag)
+            elif (qemu, arch) in in_tree:
+                action, why = "skip", "in tree"
+            else:
+                action, why = "probe", "missing" if not jobs else f"missing (last: {jobs[0].status}, run {jobs[0].run})"
+            items.append(Item(qemu, tag.name, arch, action, why))
+    return items
+
+
+def _stale_reason(job, libvirts: list[dict], tag: Tag) -> str:
+    if not _made_with(job.provenance, libvirts):
+        made = (job.provenance or {}).get("libvirt") or {}
+        return f"stale: run {job.run} used libvirt {made.get('source')} ({made.get('commit') or 'no commit'})"
+    return f"stale: run {job.run} probed an older QEMU than {tag.name}"
+
+
+# ------------------------------------------------------------------------------ a pass
+
+
+@contextmanager
+def _exclusive(state_dir: Path):
+    """One nightly pass at a time (cron and a beat entry may overlap)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / "nightly.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another farm nightly is running (lock {state_dir / 'nightly.lock'})") from None
+        yield
+
+
+def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_run: bool = False,
+             publish: bool = False, broker: str | None = None, say: Callable[[str], None] | None = None,
+             publish_options: Callable[[], object] | None = None) -> Pass:
+    """One nightly pass: discover, plan, probe, publish (see the module's description)."""
+    from farm.run import probe
+
+    say = say or (lambda message: None)
+    minimum = QemuVersion.parse(settings.nightly_min_qemu)
+    with _exclusive(settings.state_dir):
+        say(f"discovering QEMU releases of {settings.qemu_git_url}")
+        discovery = discover(settings.qemu_git_url)
+        items = plan(discovery, minimum, inventory, ledger, tree)
+        result = Pass(discovery, items, dry_run)
+        if discovery.head:
+            result.notes.append(f"development head {discovery.head[:12]}: noted, not probed")
+        if dry_run:
+            return result
+        by_release: dict[str, list[str]] = {}
+        for item in result.plan:
+            by_release.setdefault(item.qemu, []).append(item.arch)
+        for qemu, archs in by_release.items():
+            say(f"probing QEMU {qemu} on {', '.join(archs)}")
+            record = probe(inventory, qemu, ",".join(archs), ledger, broker=broker,
+                           progress=lambda job, message: say(f"{job}: {message}"))
+            entry = {"run": record.id, "qemu": qemu, "jobs": [
+                {"arch": j.arch, "status": j.status, "verdict": j.verdict, "host": j.host, "reasons": j.reasons}
+                for j in record.jobs]}
+            if publish:
+                entry["publication"] = _publish(ledger, record, publish_options, say)
+            result.runs.append(entry)
+        return result
+
+
+def _publish(ledger: Ledger, record, options: Callable[[], object] | None, say) -> dict:
+    from farm.publish import publisher
+
+    if not any(j.status == "ok" for j in record.jobs):
+        return {"status": "nothing", "message": f"run {record.id}: no ok dump, nothing to publish"}
+    try:
+        publication = publisher.publish(ledger, record.id, options(), say)
+    except publisher.PublishError as e:
+        return {"status": "error", "error": str(e)}
+    return {"status": publication.status, "message": publication.message, "branch": publication.branch,
+            "commits": publication.commits, "mr_url": publication.mr_url}
+
+
+def next_time(expression: str, now: datetime.datetime | None = None) -> datetime.datetime:
+    """The next time a cron expression (5 fields, local time) fires after ``now``."""
+    from celery.schedules import crontab
+
+    try:
+        cron = crontab.from_string(expression)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"FARM_NIGHTLY_CRON: bad cron expression {expression!r}: {e}") from None
+    now = now or datetime.datetime.now().astimezone()
+    cron.nowfun = lambda: now
+    cron.tz = now.tzinfo
+    return now + cron.remaining_estimate(now)
+
+
+def render(result: Pass) -> str:
+    lines = [f"QEMU {result.discovery.url}: {len(result.discovery.tags)} release tag(s)"]
+    for item in result.items:
+        lines.append(f"  {item.tag:<14} {item.arch:<10} {'PROBE' if item.action == 'probe' else 'skip ':5} {item.why}")
+    if not result.plan:
+        lines.append("nothing to probe")
+    elif result.dry_run:
+        lines.append(f"dry run: would probe {len(result.plan)} job(s)")
+    for r in result.runs:
+        lines.append(f"run {r['run']}: QEMU {r['qemu']}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
+        if r.get("publication"):
+            p = r["publication"]
+            lines.append(f"  publish: {p.get('message') or p.get('error')}")
+    lines += result.notes
+    return "\n".join(lines)
+
+
+def to_json_text(result: Pass) -> str:
+    return json.dumps(result.to_json(), indent=2)
