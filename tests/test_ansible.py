@@ -194,7 +194,7 @@ def test_agent_role_real_run_twice_second_changes_nothing(ssh_hosts, provision_u
         # (root's login shell here puts pyenv shims first on PATH: name the system Python)
         agent = [*common, "--limit", h.name, "-e", "ansible_user=root", "-e", "ansible_python_interpreter=/usr/bin/python3",
                  "-e", f"ansible_ssh_private_key_file={ssh_hosts.client_key}",
-                 "-e", f"farm_agent_dir={base}/agent", "-e", "farm_agent_update_cache=false",
+                 "-e", "farm_agent_update_cache=false",
                  "-e", json.dumps({"farm_coordinator_public_key": coordinator_key})]
 
         # a known_hosts without the key: Ansible refuses the host (no auto-add)
@@ -208,14 +208,15 @@ def test_agent_role_real_run_twice_second_changes_nothing(ssh_hosts, provision_u
         done, first = playbook(env, *agent)
         assert done.returncode == 0, done.stdout + done.stderr
         assert first[h.name]["failed"] == 0 and first[h.name]["unreachable"] == 0
-        assert first[h.name]["changed"] >= 5  # user, .ssh, authorized_keys, agent dir, agent, cache dir
+        assert first[h.name]["changed"] >= 5  # user, .ssh, authorized_keys, cache dir, agent
 
         account = pwd.getpwnam(provision_user)
         groups = subprocess.run(["id", "-nG", provision_user], capture_output=True, text=True).stdout.split()
         assert "kvm" in groups
         keys = Path(account.pw_dir, ".ssh", "authorized_keys").read_text()
         assert coordinator_key in keys
-        assert (base / "agent" / "farm_agent.py").read_bytes() == (REPO / "agents" / "farm_agent.py").read_bytes()
+        # where farm's own agent client looks for it (and checks it by sha256): <cache_dir>/farm_agent.py
+        assert (base / "cache" / "farm_agent.py").read_bytes() == (REPO / "agents" / "farm_agent.py").read_bytes()
         assert (base / "cache").stat().st_uid == account.pw_uid
         assert "Prepare qemucapsprobe with the agent's own toolchain command" in done.stdout
 
