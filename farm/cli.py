@@ -379,10 +379,20 @@ def cmd_worker(args) -> int:
     if not broker:
         raise UsageError("farm worker needs a broker: --broker URL or FARM_BROKER_URL")
     inventory = resolve_inventory(args.inventory)
-    hosts = [inventory.host(name.strip()) for name in args.hosts.split(",") if name.strip()]
-    if not hosts:
-        raise UsageError("--hosts: name at least one host of the inventory")
-    serve(make_app(broker), hosts, args.loglevel)
+    hosts = [inventory.host(name.strip()) for name in (args.hosts or "").split(",") if name.strip()]
+    if not hosts and not args.coordinator:
+        raise UsageError("--hosts: name at least one host of the inventory (or serve --coordinator only)")
+    serve(make_app(broker), hosts, args.loglevel, inventory, args.coordinator)
+    return OK
+
+
+def cmd_beat(args) -> int:
+    from farm.dispatch.distributed import beat, make_app
+
+    broker = _broker(args)
+    if not broker:
+        raise UsageError("farm beat needs a broker: --broker URL or FARM_BROKER_URL")
+    beat(make_app(broker), args.loglevel)
     return OK
 
 
@@ -709,8 +719,15 @@ def _parser() -> argparse.ArgumentParser:
     _publish_options(p)
 
     p = command(sub, "worker", cmd_worker, "serve hosts' jobs from the broker (a Celery worker)")
-    p.add_argument("--hosts", required=True, metavar="NAME,...", help="the inventory hosts this worker drives")
+    p.add_argument("--hosts", metavar="NAME,...", help="the inventory hosts this worker drives")
+    p.add_argument("--coordinator", action="store_true", help="also serve the farm.coordinator queue: run the "
+                   "nightly passes farm beat sends (over this inventory, with this machine's ledger)")
     p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
+    p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
+
+    p = command(sub, "beat", cmd_beat, "the Celery beat scheduler: send a nightly pass to farm.coordinator at each "
+                "FARM_NIGHTLY_CRON time (one farm beat per farm)")
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
 

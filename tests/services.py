@@ -79,10 +79,11 @@ class Workers:
         self.env, self.broker, self.logdir = env, broker, logdir
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, hosts: str, inventory: str | None = None) -> subprocess.Popen:
+    def start(self, hosts: str, inventory: str | None = None, extra: list[str] | None = None) -> subprocess.Popen:
         argv = [sys.executable, "-m", "farm", "worker", "--hosts", hosts, "--broker", self.broker, "--loglevel", "INFO"]
         if inventory:
             argv += ["--inventory", inventory]
+        argv += extra or []
         log = open(self.logdir / f"worker-{len(self.procs)}.log", "w")
         proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)

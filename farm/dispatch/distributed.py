@@ -30,6 +30,9 @@ from farm.jobs import RETRYABLE, HostSlots, Job, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 TASK = "farm.probe"
+NIGHTLY = "farm.nightly"  # one nightly pass, sent by `farm beat` at FARM_NIGHTLY_CRON times
+COORDINATOR_QUEUE = "farm.coordinator"  # served by `farm worker --coordinator`
+NIGHTLY_TIME_LIMIT = 24 * 3600  # a pass probes release after release; the next one is a day later
 POLL = 0.5  # seconds between looks at the results
 BROKER_PATIENCE = 300  # seconds the coordinator waits for an unreachable broker
 BROKER_ERRORS = (
@@ -43,6 +46,7 @@ BROKER_ERRORS = (
 # The hosts this worker process serves, and their job slots (max_jobs each).
 _served: dict[str, object] = {}
 _slots = HostSlots([])
+_inventory: list = [None]  # the worker's inventory (the nightly task plans over it)
 
 
 def arch_queue(arch: str, variant: str | None = None) -> str:
@@ -77,26 +81,61 @@ def make_app(broker: str) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue="farm.default",
     )
+    try:  # a bad FARM_NIGHTLY_CRON stops `farm beat` (below), not `farm probe`
+        app.conf.beat_schedule = {
+            "farm-nightly": {"task": NIGHTLY, "schedule": nightly_schedule(s.nightly_cron),
+                             "options": {"queue": COORDINATOR_QUEUE}},
+        }
+    except FarmError:
+        pass
     app.task(name=TASK, bind=True, max_retries=s.max_retries)(_probe)
+    app.task(name=NIGHTLY, bind=True, acks_late=True, time_limit=NIGHTLY_TIME_LIMIT)(_nightly)
     return app
+
+
+def nightly_schedule(expression: str):
+    """FARM_NIGHTLY_CRON (5 fields) as a Celery crontab in local time, as `farm nightly` reads it."""
+    from celery.schedules import crontab
+    from celery.utils.time import timezone
+
+    try:
+        cron = crontab.from_string(expression)
+    except (ValueError, TypeError) as e:
+        raise FarmError(f"FARM_NIGHTLY_CRON: bad cron expression {expression!r}: {e}") from None
+    cron.tz = timezone.local
+    return cron
+
+
+def beat(app: Celery, loglevel: str = "INFO") -> None:
+    """Run the Celery beat scheduler (blocks): it sends ``farm.nightly`` to ``farm.coordinator``
+    at each FARM_NIGHTLY_CRON time. Its schedule and pid files are in the state directory; the
+    pid file refuses a second `farm beat` of the same state directory."""
+    nightly_schedule(settings().nightly_cron)  # a bad expression is an error here
+    state = settings().state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    app.Beat(schedule=str(state / "beat-schedule"), pidfile=str(state / "beat.pid"), loglevel=loglevel,
+             no_color=True).run()
 
 
 # --- the worker side ----------------------------------------------------------------
 
 
-def serve(app: Celery, hosts: list, loglevel: str = "INFO") -> None:
-    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot."""
+def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coordinator: bool = False) -> None:
+    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot; with ``coordinator``
+    one more, serving ``farm.coordinator`` (the nightly task, over ``inventory``)."""
     for host in hosts:
         _served[host.name] = host
     _slots.add(hosts)
-    queues = set()
+    _inventory[0] = inventory
+    queues = {COORDINATOR_QUEUE} if coordinator else set()
     for host in hosts:
         queues.add(arch_queue(host.arch.value))
         queues.update(arch_queue(host.arch.value, v) for v in host.variants)
         queues.add(host_queue(host.name))
+    name = "+".join([h.name for h in hosts] + (["coordinator"] if coordinator else []))
     app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={sum(h.max_jobs for h in hosts)}",
-        f"--queues={','.join(sorted(queues))}", f"--hostname=farm-{'+'.join(h.name for h in hosts)}@%h",
+        "worker", "--pool=threads", f"--concurrency={sum(h.max_jobs for h in hosts) + int(coordinator)}",
+        f"--queues={','.join(sorted(queues))}", f"--hostname=farm-{name}@%h",
         "--without-gossip", "--without-mingle", f"--loglevel={loglevel}",
     ])
 
@@ -118,6 +157,22 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)
     return outcome.to_json()
+
+
+def _nightly(task) -> dict:
+    """The Celery task: one nightly pass (farm.nightly.run_pass, which holds the nightly lock) over
+    the worker's inventory, its jobs sent to the workers through this broker; its JSON summary."""
+    from celery.utils.log import get_task_logger
+
+    from farm import nightly
+    from farm.inventory import resolve_inventory
+
+    s = settings()
+    log = get_task_logger(NIGHTLY)
+    inventory = _inventory[0] if _inventory[0] is not None else resolve_inventory(None)
+    result = nightly.run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
+                              broker=task.app.conf.broker_url, say=log.info)
+    return result.to_json()
 
 
 # --- the coordinator side -------------------------------------------------------------
