@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, farm, needs_root
-from tests.netns import native_arch
 from tests.standin import standin_builddir
 
 ANSIBLE = REPO / "ansible"
