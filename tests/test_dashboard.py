@@ -270,3 +270,22 @@ def test_runs_hosts_and_run_pages_in_chromium(served, page, tmp_path):
     page.screenshot(path=str(tmp_path / "hosts.png"), full_page=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tmp_path / "hosts.png", ARTIFACTS / "hosts.png")
+
+
+def test_rerun_a_job_needs_the_token_and_makes_a_new_run(served):
+    """Last in this module: it adds a run to the shared ledger."""
+    first = min(served.json("/api/runs")["runs"], key=lambda r: r["run"])
+    job = f"run-{first['run']}-x86_64"
+    path = f"/api/runs/{first['run']}/jobs/{job}/rerun"
+    assert served.post(path)[0] == 401
+    assert served.post(f"/api/runs/{first['run']}/jobs/nosuch/rerun", TOKEN)[0] == 404
+    status, body = served.post(path, TOKEN)
+    assert status == 202 and body["run"] > first["run"], body
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        run = served.json(f"/api/runs/{body['run']}")
+        if run["status"] == "done":
+            break
+        time.sleep(0.5)
+    assert run["status"] == "done"
+    assert [(j["arch"], j["status"], j["verdict"]) for j in run["jobs"]] == [("x86_64", "ok", "real")]

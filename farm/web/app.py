@@ -1,6 +1,7 @@
 """The dashboard: server-rendered pages (Starlette + Jinja2), a JSON API behind each, Prometheus /metrics.
 
-Reading needs no authentication. Actions (POST /api/hosts/NAME/release) need
+Reading needs no authentication. Actions (POST /api/hosts/NAME/release,
+POST /api/runs/N/jobs/JOB/rerun) need
 ``Authorization: Bearer <token>`` with the token of FARM_DASHBOARD_TOKEN(_FILE),
 compared in constant time; without a configured token actions are disabled.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import threading
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -112,6 +114,23 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
             raise HTTPException(404, f"no host {name!r}")
         return JSONResponse({"released": ledger.release_host(name).to_json()})
 
+    async def rerun_job(request: Request) -> Response:
+        """Probe a job's QEMU release and arch again, as a new run (in the background)."""
+        _authorize(request, token)
+        if inventory is None:
+            raise HTTPException(409, "the dashboard has no inventory to run jobs on (--inventory)")
+        try:
+            record = ledger.run(request.path_params["run"])
+        except FarmError as e:
+            raise HTTPException(404, str(e)) from None
+        job = next((j for j in record.jobs if j.id == request.path_params["job"]), None)
+        if job is None:
+            raise HTTPException(404, f"no job {request.path_params['job']!r} in run {record.id}")
+        started = rerun(ledger, inventory, record, job)
+        if "error" in started:
+            raise HTTPException(409, started["error"])
+        return JSONResponse(started, status_code=202)
+
     routes = [
         Route("/", coverage_page),
         Route("/coverage", coverage_page),
@@ -123,6 +142,7 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
         Route("/api/runs", runs_api),
         Route("/api/runs/{run:int}", run_api),
         Route("/api/hosts/{name}/release", release_host, methods=["POST"]),
+        Route("/api/runs/{run:int}/jobs/{job}/rerun", rerun_job, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/artifacts/{path:path}", artifact),
         Route("/tree/{name}", tree_file),
@@ -134,6 +154,32 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)
 
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def rerun(ledger: Ledger, inventory, record, job, wait: float = 30.0) -> dict:
+    """Start a new run of ``job``'s release and arch in a thread; {"run", "job"} once it is planned."""
+    from farm.config import settings
+    from farm.jobs import PROBE_TIMEOUT
+    from farm.run import probe
+
+    planned = threading.Event()
+    answer: dict = {}
+
+    def on_start(run: int, jobs) -> None:
+        answer.update(run=run, job=jobs[0].id if jobs else None)
+        planned.set()
+
+    def work() -> None:
+        try:
+            probe(inventory, record.qemu, job.arch, ledger, job.variant, record.timeout or PROBE_TIMEOUT,
+                  broker=settings().broker, on_start=on_start)
+        except Exception as e:  # reported to the caller while it waits; logged otherwise
+            answer.setdefault("error", str(e))
+            planned.set()
+
+    threading.Thread(target=work, name=f"farm-rerun-{job.id}", daemon=True).start()
+    planned.wait(wait)
+    return answer
 
 
 def _authorize(request: Request, token: str | None) -> None:
