@@ -190,8 +190,13 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
 
 def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Outcome:
     """Probe ``job`` on ``host`` once and return how it ended (nothing recorded)."""
-    say = progress or (lambda message: None)
     record = JobRecord(job.id, job.run, job.arch, job.variant, host.name, started=time.time())
+
+    def say(message: str) -> None:
+        record.log.append(f"{time.strftime('%H:%M:%S')} {message}")
+        if progress:
+            progress(message)
+
     provenance: dict = {"job": job.id, "host": {"name": host.name, "arch": host.arch.value}}
     outcome = Outcome(record)
     try:
@@ -218,11 +223,13 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
                 "origin": _qemu_origin(host, job),
             }
             provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
+            tail = probe.get("stderr_tail") or []
+            tail = tail.splitlines() if isinstance(tail, str) else list(tail)
+            record.log += [f"qemucapsprobe: {line}" for line in tail]
             if probe.get("timed_out"):
                 raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
             if not probe.get("ok"):
-                tail = (probe.get("stderr_tail") or "").strip().splitlines()[-3:]
-                raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail))
+                raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail[-3:]))
             agent.transport.get(remote, local)
             outcome.name = str(_judge(job, record, local, reply["facts"], provenance))
             outcome.dump = local.read_text(encoding="utf-8")

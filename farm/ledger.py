@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     artifact TEXT,
     started REAL,
     finished REAL,
-    provenance TEXT
+    provenance TEXT,
+    log TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_run ON jobs(run);
 CREATE TABLE IF NOT EXISTS hosts (
@@ -92,6 +93,7 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     provenance: dict | None = None
+    log: list[str] = field(default_factory=list)  # what the job did, step by step
 
     @property
     def final(self) -> bool:
@@ -111,6 +113,7 @@ class JobRecord:
             "started": self.started,
             "finished": self.finished,
             "seconds": round(self.finished - self.started, 2) if self.started and self.finished else None,
+            "log": self.log,
         }
 
 
@@ -195,6 +198,8 @@ class Ledger:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             if "timeout" not in columns:  # ledgers from before runs kept their probe timeout
                 db.execute("ALTER TABLE runs ADD COLUMN timeout REAL")
+            if "log" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
+                db.execute("ALTER TABLE jobs ADD COLUMN log TEXT NOT NULL DEFAULT '[]'")  # before job logs
 
     @contextmanager
     def _db(self):
@@ -285,13 +290,13 @@ class Ledger:
         with self._db() as db:
             db.execute(
                 "UPDATE jobs SET status = ?, host = ?, verdict = ?, reasons = ?, warnings = ?, artifact = ?, "
-                "started = COALESCE(started, ?), finished = ?, provenance = ? "
+                "started = COALESCE(started, ?), finished = ?, provenance = ?, log = ? "
                 f"WHERE id = ? AND status NOT IN ({','.join('?' * len(FINAL))})",
                 (
                     job.status, job.host, job.verdict, json.dumps(job.reasons), json.dumps(job.warnings),
                     job.artifact, job.started, job.finished or time.time(),
                     json.dumps(job.provenance) if job.provenance is not None else None,
-                    job.id, *FINAL,
+                    json.dumps(job.log), job.id, *FINAL,
                 ),
             )
         return self.job(job.id)
@@ -314,6 +319,7 @@ class Ledger:
             row["id"], row["run"], row["arch"], row["variant"], row["host"], row["status"], row["verdict"],
             json.loads(row["reasons"]), json.loads(row["warnings"]), row["artifact"], row["started"],
             row["finished"], json.loads(row["provenance"]) if row["provenance"] else None,
+            json.loads(row["log"]),
         )
 
     # --- host health ------------------------------------------------------------------

@@ -261,6 +261,9 @@ def test_runs_hosts_and_run_pages_in_chromium(served, page, tmp_path):
     assert page.locator("h1").inner_text().startswith("Run 1: QEMU 9.2.0")
     jobs = page.locator("table#jobs").inner_text()
     assert "standin-1" in jobs and "real" in jobs and "no executable tests/qemucapsprobe" in jobs
+    log = page.get_by_text("log of run-1-x86_64")
+    log.click()  # the job's log unfolds: the agent's steps on the host
+    assert "qemucapsprobe" in page.locator("tr.log pre").first.inner_text()
     assert page.get_by_text("Not published.").is_visible()
     page.get_by_role("link", name="Hosts").click()
     page.wait_for_url("**/hosts")

@@ -108,3 +108,20 @@ def test_redis_restarted_mid_run_the_run_completes(env, redis_server, workers, t
     assert (job["status"], job["verdict"]) == ("ok", "real"), (job, err[-2000:])
     code, shown, _ = farm(env, "runs", "show", "1", "--json")
     assert shown["status"] == "done"
+
+
+def test_a_failing_probe_is_a_failed_job_with_its_stderr(env, tmp_path):
+    """A qemucapsprobe that fails (a stand-in that prints an error and exits 3) ends the job
+    as failed, with the probe's own words in the reasons and the log, and no artifact."""
+    build = tmp_path / "build"
+    probe = build / "tests" / "qemucapsprobe"
+    probe.parent.mkdir(parents=True)
+    probe.write_text("#!/bin/sh\necho 'error: cannot start QEMU: boom' >&2\nexit 3\n")
+    probe.chmod(0o755)
+    inventory = local_inventory(tmp_path / "inventory.yaml", build, ["failing-1"])
+    code, out, err = farm(env, "probe", "--qemu", QEMU, "--arch", "x86_64", "--inventory", str(inventory), "--json")
+    (job,) = out["jobs"]
+    assert (code, job["status"], job["artifact"]) == (1, "failed", None), err
+    assert job["reasons"][0] == "qemucapsprobe failed (exit 3): error: cannot start QEMU: boom"
+    code, shown, _ = farm(env, "runs", "show", str(out["run"]), "--json")
+    assert "qemucapsprobe: error: cannot start QEMU: boom" in shown["jobs"][0]["log"]

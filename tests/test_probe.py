@@ -53,6 +53,8 @@ def test_probe_all_local_arches_real_x86_and_flagged_fakes(env):
     # the ledger remembers
     code, shown, _ = farm(env, "runs", "show", str(out["run"]), "--json")
     assert code == 0 and shown["status"] == "done"
+    log = next(j["log"] for j in shown["jobs"] if j["arch"] == "x86_64")
+    assert any("probe: " in line and "qemucapsprobe" in line for line in log), log  # the agent's own steps
     assert {j["arch"]: j["status"] for j in shown["jobs"]} == {a: j["status"] for a, j in jobs.items()}
     code, listed, _ = farm(env, "runs", "list", "--json")
     assert [r["run"] for r in listed] == [out["run"]]
