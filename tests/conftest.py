@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.libvirt_worktree", "tests.netns", "tests.services"]
+pytest_plugins = ["tests.libvirt_worktree", "tests.netns", "tests.publishing", "tests.services"]
 
 from tests.paths import CACHE
 SOURCES = CACHE / "src"

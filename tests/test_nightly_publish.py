@@ -10,16 +10,14 @@ older results (made with other libvirt probes) that the stand-in's makes stale, 
 from __future__ import annotations
 
 import datetime
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import farm, needs_kvm, needs_x86
-from tests.libvirt_worktree import LibvirtWorktree
 from tests.standin import RECORDED, standin_builddir
 from tests.test_nightly import qemu_repo
-from tests.test_publish import CAPS, EMAIL, NAME, add_remotes, git, snapshot
+from tests.publishing import CAPS, EMAIL, NAME, git, snapshot
 
 SUBJECT = "qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64"
 
@@ -28,25 +26,6 @@ def inventory(path: Path, builddir: Path) -> Path:
     path.write_text("hosts:\n  - name: standin\n    transport: local\n    arch: x86_64\n"
                     f"    toolchain:\n      libvirt: builddir:{builddir}\n      qemu: system\n")
     return path
-
-
-@pytest.fixture
-def libvirt(libvirt_worktree: LibvirtWorktree, tmp_path: Path, env: dict):
-    """The real 11.3.0 checkout with bare upstream and fork remotes, and env for publishing into it."""
-    tree = libvirt_worktree.tree
-
-    def drop_branches():
-        for ref in git(tree, "for-each-ref", "--format=%(refname:short)", "refs/heads/qemucaps/").splitlines():
-            git(tree, "branch", "-D", ref)
-
-    drop_branches()
-    remotes = add_remotes(tree, tmp_path)
-    env.update(FARM_LIBVIRT_CHECKOUT=str(tree), FARM_LIBVIRT_BUILD_DIR=str(libvirt_worktree.build_dir),
-               FARM_GIT_NAME=NAME, FARM_GIT_EMAIL=EMAIL)
-    yield remotes
-    drop_branches()
-    for name in ("origin", "fork"):
-        subprocess.run(["git", "-C", str(tree), "remote", "remove", name], check=False, capture_output=True)
 
 
 @pytest.mark.slow
