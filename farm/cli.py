@@ -191,9 +191,11 @@ def cmd_hosts_list(args) -> int:
 
 
 def cmd_hosts_check(args) -> int:
+    from farm.caps.arch import Architecture
     from farm.hosts import HostError, transport_for
     from farm.hosts.agent import Agent
     from farm.inventory import resolve_inventory
+    from farm.jobs import check_host
 
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
@@ -203,11 +205,9 @@ def cmd_hosts_check(args) -> int:
         entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
             facts = Agent(transport_for(host), host).facts()
-            native = facts.get("arch")
             entry.update(ok=True, facts=facts)
-            entry["real_dumps"] = bool(facts["kvm"]["usable"]) and _native(native) == host.arch.value
-            if host.transport != "local" and _native(native) != host.arch.value:
-                raise HostError(f"host {host.name!r} is {native}, the inventory says {host.arch.value}")
+            entry["real_dumps"] = bool(facts["kvm"]["usable"]) and Architecture.from_uname(facts.get("arch")) is host.arch
+            check_host(host, facts)
             ledger.host_seen(host.name)
         except HostError as e:
             entry.update(ok=False, error=str(e))
@@ -228,7 +228,7 @@ def cmd_hosts_check(args) -> int:
                 table.add_row(e["name"], e["arch"], "[red]unreachable[/]", e.get("error", ""), "", "", "", "", "")
                 continue
             kvm = f["kvm"]
-            qemu = [q for q in f.get("qemu", []) if q.get("arch") == _qemu_target(e["arch"])]
+            qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
             table.add_row(
                 e["name"], e["arch"], f.get("arch", "?"), f.get("kernel", "?"), (f.get("cpu_model") or "?")[:40],
                 "[green]usable[/]" if kvm.get("usable") else f"[red]{kvm.get('error') or 'missing'}[/]",
@@ -581,14 +581,6 @@ def _when(stamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else "-"
 
 
-def _native(machine: str | None) -> str | None:
-    return {"ppc64le": "ppc64", "arm64": "aarch64"}.get(machine, machine)
-
-
-def _qemu_target(arch: str) -> str:
-    from farm.caps.arch import Architecture
-
-    return Architecture.parse(arch).qemu_target
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -658,6 +650,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
+    def inventory_option(p) -> None:
+        p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+
     def command(parent, name, func, help_):
         p = parent.add_parser(name, help=help_, description=help_)
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -687,17 +682,17 @@ def _parser() -> argparse.ArgumentParser:
 
     hsub = group("hosts", "the hosts of the inventory")
     p = command(hsub, "list", cmd_hosts_list, "list the inventory's hosts")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p = command(hsub, "check", cmd_hosts_check, "ask each host's agent for its facts (arch, /dev/kvm, QEMU)")
     p.add_argument("hosts", nargs="*", metavar="HOST", help="hosts to check (default: all)")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
 
     p = command(hsub, "release", cmd_hosts_release, "take hosts out of quarantine")
     p.add_argument("hosts", nargs="+", metavar="HOST")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
 
     p = command(sub, "status", cmd_status, "hosts (health, quarantine), workers and their queues, running jobs")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL (unset: embedded, no workers)")
 
     p = command(sub, "probe", cmd_probe, "probe a QEMU release on the inventory's hosts and judge the dumps")
@@ -705,7 +700,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="all", metavar="ARCHS", help="all (the inventory's), native, or x86_64,s390x,...")
     p.add_argument("--variant", metavar="V", help="a dump variant, e.g. amdsev (hosts that list it)")
     p.add_argument("--hosts", metavar="NAME,...", help="only these hosts (distributed: sent to their own queues)")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
@@ -722,7 +717,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", metavar="NAME,...", help="the inventory hosts this worker drives")
     p.add_argument("--coordinator", action="store_true", help="also serve the farm.coordinator queue: run the "
                    "nightly passes farm beat sends (over this inventory, with this machine's ledger)")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
     p.add_argument("--loglevel", default="INFO", help="Celery log level (default INFO)")
 
@@ -738,19 +733,19 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--list", action="store_true", help="all groups and hosts, with _meta.hostvars")
     what.add_argument("--host", metavar="NAME", help="one host's variables")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
 
     p = command(sub, "dashboard", cmd_dashboard, "serve the web dashboard: coverage, hosts, runs, JSON API, /metrics")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p.add_argument("--libvirt", metavar="PATH", help="libvirt tree to show coverage of (default: $FARM_LIBVIRT_CHECKOUT)")
 
     p = command(sub, "nightly", cmd_nightly, "probe the QEMU releases (and release candidates) the ledger and the "
                 "libvirt tree lack, or have only stale results of; publish when the data changed")
     p.add_argument("--once", action="store_true", help="one pass now (default: a pass at each FARM_NIGHTLY_CRON time)")
     p.add_argument("--dry-run", action="store_true", help="print the plan only: no probe, no publishing")
-    p.add_argument("--inventory", metavar="FILE", help="inventory file (default: $FARM_INVENTORY or built-in)")
+    inventory_option(p)
     p.add_argument("--libvirt", metavar="PATH", help="libvirt tree whose coverage counts, and that --publish "
                    "publishes into (default: $FARM_LIBVIRT_CHECKOUT; unset: the ledger alone)")
     p.add_argument("--publish", action="store_true", help="publish each run's dumps (as farm publish)")

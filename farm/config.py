@@ -18,6 +18,21 @@ def _xdg(variable: str, fallback: str) -> Path:
     return Path(os.environ.get(variable) or os.path.expanduser(fallback)) / "farm"
 
 
+def _secret(value: SecretStr | None, file: Path | None, what: str) -> str | None:
+    """A secret from the environment, else from its file (None if neither is set)."""
+    if value and value.get_secret_value().strip():
+        return value.get_secret_value().strip()
+    if file is None:
+        return None
+    try:
+        secret = file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read the {what} token: {e.strerror}") from None
+    if not secret:
+        raise UsageError(f"{file}: the {what} token file is empty")
+    return secret
+
+
 class Settings(BaseSettings):
     """farm's settings; each field ``x`` is read from the environment variable ``FARM_X``."""
 
@@ -125,31 +140,14 @@ class Settings(BaseSettings):
 
     def token(self) -> str:
         """The GitLab token: $FARM_GITLAB_TOKEN, else the content of the token file."""
-        if self.gitlab_token and self.gitlab_token.get_secret_value().strip():
-            return self.gitlab_token.get_secret_value().strip()
-        if self.gitlab_token_file is None:
+        token = _secret(self.gitlab_token, self.gitlab_token_file, "GitLab")
+        if token is None:
             raise UsageError("no GitLab token: set FARM_GITLAB_TOKEN_FILE (or FARM_GITLAB_TOKEN)")
-        try:
-            token = self.gitlab_token_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise UsageError(f"{self.gitlab_token_file}: cannot read the GitLab token: {e.strerror}") from None
-        if not token:
-            raise UsageError(f"{self.gitlab_token_file}: the GitLab token file is empty")
         return token
 
     def dashboard_secret(self) -> str | None:
         """The dashboard's action token: $FARM_DASHBOARD_TOKEN, else the token file's content; None: no actions."""
-        if self.dashboard_token and self.dashboard_token.get_secret_value().strip():
-            return self.dashboard_token.get_secret_value().strip()
-        if self.dashboard_token_file is None:
-            return None
-        try:
-            token = self.dashboard_token_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise UsageError(f"{self.dashboard_token_file}: cannot read the dashboard token: {e.strerror}") from None
-        if not token:
-            raise UsageError(f"{self.dashboard_token_file}: the dashboard token file is empty")
-        return token
+        return _secret(self.dashboard_token, self.dashboard_token_file, "dashboard")
 
     def public(self) -> dict[str, str | None]:
         """Every setting as text for showing to a user; secrets masked, the broker URL without password."""

@@ -211,7 +211,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
             )
             if reply.get("facts"):
                 provenance["host"]["facts"] = reply["facts"]
-                _check_host(host, reply["facts"])
+                check_host(host, reply["facts"])
             if "probe" not in reply:
                 raise AgentError(f"host {host.name!r}: agent job: {reply.get('error')}")
             libvirt, qemu, probe = reply["libvirt"], reply["qemu"], reply["probe"]
@@ -243,13 +243,10 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
     return outcome
 
 
-def _check_host(host, facts: dict) -> None:
+def check_host(host, facts: dict) -> None:
+    """A remote host must be of its inventory arch (local hosts may emulate another: TCG)."""
     machine = facts.get("arch", "?")
-    try:
-        native = Architecture.parse({"ppc64le": "ppc64", "arm64": "aarch64"}.get(machine, machine))
-    except Exception:
-        native = None
-    if host.transport != "local" and native is not host.arch:
+    if host.transport != "local" and Architecture.from_uname(machine) is not host.arch:
         raise HostError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
 
 

@@ -42,8 +42,15 @@ class Architecture(enum.Enum):
 
     @classmethod
     def native(cls) -> Architecture:
-        machine = os.uname().machine
-        return cls.parse(_UNAME.get(machine, machine))
+        return cls.parse(_UNAME.get(os.uname().machine, os.uname().machine))
+
+    @classmethod
+    def from_uname(cls, machine: str | None) -> Architecture | None:
+        """The arch of a host whose ``uname -m`` is ``machine`` (ppc64le -> ppc64); None if unknown."""
+        try:
+            return cls(_UNAME.get(machine, machine))
+        except ValueError:
+            return None
 
     @classmethod
     def parse(cls, name: str) -> Architecture:
