@@ -12,8 +12,10 @@ run as an unprivileged user (in the kvm group).  Subcommands:
                   [--cache DIR] [--python PATH] [--configure-arg ARG]... [--jobs N]
   probe      --probe PATH --qemu PATH --out FILE [--timeout SECONDS] [--force]
   job        --libvirt SOURCE --target ARCH [--qemu-binary PATH|--qemu-source SPEC]
-             --out FILE [--timeout SECONDS] [--expect-arch ARCH] [--cache DIR]
-             (facts + toolchain libvirt + toolchain qemu + probe in one call)
+             --out FILE|- [--timeout SECONDS] [--expect-arch ARCH] [--cache DIR]
+             (facts + toolchain libvirt + toolchain qemu + probe in one call;
+             --out - returns the dump in the reply, zlib-compressed, base64)
+  serve      answer requests until stdin closes (one per line, see serve())
 
 Every subcommand prints exactly one JSON object on stdout.  Progress of long
 steps goes to stderr, one line each, prefixed with "progress: ".  Failures print
@@ -29,9 +31,11 @@ Cache layout (default $FARM_AGENT_CACHE or ~/.cache/farm-agent):
   libvirt/<key>.lock       flock held while building that key
   qemu/<key>               same scheme; prefix/bin/qemu-system-ARCH
   git/<name>-<hash>.git    bare mirrors of git sources
+  qemu-versions.json       --version of QEMU binaries, by path, inode, size and mtime
 """
 
 import argparse
+import base64
 import bz2
 import contextlib
 import ctypes
@@ -41,6 +45,7 @@ import hashlib
 import json
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
@@ -49,6 +54,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+import zlib
 from typing import Dict, Iterator, List, Optional, Tuple
 
 AGENT_VERSION = "0.1.0"
@@ -384,14 +390,35 @@ def parse_qemu_version(line: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def qemu_version(path: str) -> Dict:
-    """{"version", "version_line"} of a QEMU binary, from its --version."""
+def qemu_version(path: str, cache: Optional[str] = None) -> Dict:
+    """{"version", "version_line"} of a QEMU binary, from its --version.
+
+    With a cache dir, answers are kept in it by the binary's real path, inode, size and
+    mtime, so an unchanged binary is not started again (a job asks on every probe).
+    """
+    key = None
+    known = {}  # type: Dict[str, Dict]
+    if cache:
+        try:
+            st = os.stat(path)
+            key = "%s:%d:%d:%d" % (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+            known = json.loads(read_text(os.path.join(cache, "qemu-versions.json")) or "{}")
+        except (OSError, ValueError):
+            known = {}
+        if key in known and isinstance(known[key], dict):
+            return dict(known[key])
     try:
         out = run_capture([path, "--version"], timeout=30)
     except AgentError as exc:
         return {"version": None, "version_line": None, "error": str(exc)}
     line = (out.strip().splitlines() or [""])[0].strip()
-    return {"version": parse_qemu_version(line), "version_line": line}
+    info = {"version": parse_qemu_version(line), "version_line": line}
+    if key and info["version"]:
+        entries = [(k, v) for k, v in known.items() if not k.startswith(os.path.realpath(path) + ":")]
+        with contextlib.suppress(OSError):
+            os.makedirs(cache, exist_ok=True)
+            write_json_atomic(os.path.join(cache, "qemu-versions.json"), dict(entries[-63:] + [(key, info)]))
+    return info
 
 
 def qemu_candidates(cache: str) -> List[Tuple[str, str]]:
@@ -469,7 +496,7 @@ def cmd_facts(args: argparse.Namespace) -> Dict:
         if targets and arch not in targets:
             continue
         item = {"path": path, "arch": arch}
-        item.update(qemu_version(path))
+        item.update(qemu_version(path, cache))
         qemus.append(item)
     return {
         "ok": True,
@@ -694,11 +721,11 @@ def qemu_target(arch: str) -> str:
     return target
 
 
-def cmd_toolchain_qemu_binary(path: str) -> Dict:
+def cmd_toolchain_qemu_binary(path: str, cache: Optional[str] = None) -> Dict:
     """Validate an existing QEMU binary and report its version."""
     if not is_executable_file(path):
         raise UsageError("--binary: not an executable file: %s" % path)
-    info = qemu_version(path)
+    info = qemu_version(path, cache)
     if not info.get("version"):
         raise AgentError("%s --version gave no QEMU version: %s"
                          % (path, info.get("error") or info.get("version_line")))
@@ -830,7 +857,7 @@ def cmd_toolchain_qemu(args: argparse.Namespace) -> Dict:
               "path": meta["binary"], "arch": target}
     for key in ("binary", "prefix", "commit", "source", "key"):
         result[key] = meta.get(key)
-    result.update(qemu_version(meta["binary"]))
+    result.update(qemu_version(meta["binary"], cache))
     return result
 
 
@@ -1088,17 +1115,171 @@ def cmd_job(args: argparse.Namespace) -> Dict:
         qemu = cmd_toolchain_qemu(ns(binary=None, source=args.qemu_source, target=args.target, cache=args.cache,
                                      python=None, configure_arg=None, jobs=None))
     elif args.qemu_binary:
-        qemu = cmd_toolchain_qemu_binary(args.qemu_binary)
+        qemu = cmd_toolchain_qemu_binary(args.qemu_binary, resolve_cache(args.cache))
     else:
         found = [q for q in facts["qemu"] if q.get("arch") == qemu_target(args.target) and q.get("version")]
         if not found:
             raise AgentError("no working qemu-system-%s on PATH" % qemu_target(args.target))
         qemu = dict(found[0], ok=True)
-    probe = cmd_probe(ns(probe=libvirt["probe"], qemu=qemu["path"], out=args.out, timeout=args.timeout, force=False))
-    result = {"ok": probe["ok"], "facts": facts, "libvirt": libvirt, "qemu": qemu, "probe": probe}
+    inline = args.out == "-"
+    workdir = tempfile.mkdtemp(prefix="farm-job-") if inline else None
+    out = os.path.join(workdir, "dump.replies") if workdir else args.out
+    try:
+        probe = cmd_probe(ns(probe=libvirt["probe"], qemu=qemu["path"], out=out, timeout=args.timeout, force=False))
+        result = {"ok": probe["ok"], "facts": facts, "libvirt": libvirt, "qemu": qemu, "probe": probe}
+        if inline:
+            probe["out"] = "-"
+            if probe["ok"]:
+                with open(out, "rb") as handle:
+                    result["dump"] = base64.b64encode(zlib.compress(handle.read(), 1)).decode("ascii")
+    finally:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     if not probe["ok"]:
         result["error"] = probe.get("error")
     return result
+
+
+# --------------------------------------------------------------------------- serve
+
+def serve() -> int:
+    """Answer requests until stdin closes: the agent started once per connection, not per call.
+
+    In (stdin), one JSON object per line: {"id": N, "argv": [SUBCOMMAND, ...]} runs that
+    subcommand in a forked copy of this process (no interpreter start-up, nothing imported
+    again), several at once; {"id": N, "cancel": true} stops request N (SIGTERM, then SIGKILL).
+    Out (stdout), one JSON object per line: first {"serve": VERSION, "pid": PID}; then per
+    request {"id": N, "line": L} for each stderr line of it, and at its end
+    {"id": N, "exit": CODE, "stdout": TEXT}: what running the subcommand alone would give.
+    When stdin closes (the coordinator went away) running requests are stopped.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_terminated)
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+    running = {}  # type: Dict[int, Dict]
+    broken = [False]
+
+    def send(obj: Dict) -> None:
+        if broken[0]:
+            return
+        data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+        try:
+            while data:
+                data = data[os.write(1, data):]
+        except OSError:  # the coordinator is gone: keep stopping what runs, say nothing
+            broken[0] = True
+
+    def start(request_id: int, argv: List[str]) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the request: this process, as if started with argv
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                for fd in [null, out_r, out_w, err_r, err_w] + [k.fd for k in selector.get_map().values()]:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:  # noqa: B036 - whatever happens, report it and exit
+                with contextlib.suppress(Exception):
+                    emit({"ok": False, "error": "agent: %s: %s" % (type(exc).__name__, exc)})
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        os.close(out_w)
+        os.close(err_w)
+        request = {"pid": pid, "out": bytearray(), "err": b"", "open": 2, "kill_at": None}
+        running[request_id] = request
+        selector.register(out_r, selectors.EVENT_READ, (request_id, "out"))
+        selector.register(err_r, selectors.EVENT_READ, (request_id, "err"))
+
+    def stop(request_id: int) -> None:
+        request = running.get(request_id)
+        if request and request["kill_at"] is None:
+            with contextlib.suppress(OSError):
+                os.kill(request["pid"], signal.SIGTERM)  # the probe's own clean-up kills its QEMU
+            request["kill_at"] = time.monotonic() + 5
+
+    def finish(request_id: int) -> None:
+        request = running.pop(request_id)
+        _, status = os.waitpid(request["pid"], 0)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        if request["err"]:
+            send({"id": request_id, "line": request["err"].decode(errors="replace")})
+        send({"id": request_id, "exit": code, "stdout": request["out"].decode(errors="replace")})
+
+    def handle(line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            request_id = int(message["id"])
+        except (ValueError, KeyError, TypeError):
+            send({"error": "bad request: %r" % line[:200]})
+            return
+        if message.get("cancel"):
+            stop(request_id)
+        elif request_id in running:
+            send({"id": request_id, "exit": 2, "stdout": json.dumps({"ok": False, "error": "request id in use"})})
+        elif not isinstance(message.get("argv"), list) or message["argv"][:1] == ["serve"]:
+            send({"id": request_id, "exit": 2, "stdout": json.dumps({"ok": False, "error": "bad argv"})})
+        else:
+            start(request_id, [str(a) for a in message["argv"]])
+
+    send({"serve": AGENT_VERSION, "pid": os.getpid()})
+    pending = b""
+    stdin_open = True
+    try:
+        while stdin_open or running:
+            for key, _ in selector.select(timeout=1.0):
+                chunk = os.read(key.fd, 65536)
+                if key.data is None:  # stdin
+                    if not chunk:
+                        stdin_open = False
+                        selector.unregister(0)
+                        for request_id in list(running):
+                            stop(request_id)
+                        continue
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            handle(line)
+                    continue
+                request_id, stream = key.data
+                request = running[request_id]
+                if not chunk:
+                    selector.unregister(key.fd)
+                    os.close(key.fd)
+                    request["open"] -= 1
+                    if not request["open"]:
+                        finish(request_id)
+                elif stream == "out":
+                    request["out"] += chunk
+                else:
+                    *lines, request["err"] = (request["err"] + chunk).split(b"\n")
+                    for line in lines:
+                        send({"id": request_id, "line": line.decode(errors="replace")})
+            now = time.monotonic()
+            for request in running.values():
+                if request["kill_at"] is not None and now > request["kill_at"]:
+                    with contextlib.suppress(OSError):
+                        os.kill(request["pid"], signal.SIGKILL)
+    except Terminated:
+        for request in running.values():
+            with contextlib.suppress(OSError):
+                os.kill(request["pid"], signal.SIGTERM)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1176,10 +1357,12 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--target", required=True, help="guest arch of the QEMU, e.g. x86_64")
     job.add_argument("--qemu-binary", help="this qemu-system binary (default: qemu-system-TARGET on PATH)")
     job.add_argument("--qemu-source", help="build QEMU from tarball:PATH or git:URL@REF")
-    job.add_argument("--out", required=True, help="where to write the .replies dump")
+    job.add_argument("--out", required=True, help="where to write the .replies dump; - puts it in the reply")
     job.add_argument("--timeout", type=positive_float, default=600.0, help="probe seconds (600)")
     job.add_argument("--expect-arch", help="refuse to work unless this host is of this arch")
     job.add_argument("--cache")
+
+    sub.add_parser("serve", help="answer requests on stdin until it closes (one start-up per connection)")
     return parser
 
 
@@ -1195,6 +1378,8 @@ COMMANDS = {"facts": cmd_facts, "toolchain": cmd_toolchain, "probe": cmd_probe, 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse, run one subcommand, print its JSON; return the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve()
     try:
         result = COMMANDS[args.command](args)
         emit(result)

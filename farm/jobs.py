@@ -16,13 +16,11 @@ import base64
 import contextlib
 import os
 import platform
-import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from farm import __version__
 from farm.caps import dump
@@ -181,10 +179,7 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
             ledger.host_seen(host)
     r = outcome.record
     if outcome.dump is not None and outcome.name:
-        with tempfile.TemporaryDirectory(prefix="farm-store-") as tmp:
-            path = Path(tmp) / outcome.name
-            path.write_text(outcome.dump, encoding="utf-8")
-            r.artifact = str(ledger.store_artifact(r.run, r.id, outcome.name, path, r.provenance or {}))
+        r.artifact = str(ledger.store_artifact(r.run, r.id, outcome.name, outcome.dump, r.provenance or {}))
     return ledger.finish_job(r)
 
 
@@ -201,38 +196,36 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
     outcome = Outcome(record)
     try:
         agent = Agent(transport_for(host), host, say)
-        with tempfile.TemporaryDirectory(prefix="farm-job-") as tmp, agent.transport.scratch() as scratch:
-            local = Path(tmp) / str(job.name)
-            remote = f"{scratch}/{job.name}"
-            say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
-            reply = agent.job(
-                host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, remote, job.probe_timeout,
-                expect_arch=None if host.transport == "local" else host.arch.value, **_qemu_args(host, job),
-            )
-            if reply.get("facts"):
-                provenance["host"]["facts"] = reply["facts"]
-                check_host(host, reply["facts"])
-            if "probe" not in reply:
-                raise AgentError(f"host {host.name!r}: agent job: {reply.get('error')}")
-            libvirt, qemu, probe = reply["libvirt"], reply["qemu"], reply["probe"]
-            provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
-            provenance["qemu"] = {
-                "path": qemu.get("path") or qemu.get("binary"),
-                "version": qemu.get("version"),
-                "version_line": qemu.get("version_line"),
-                "origin": _qemu_origin(host, job),
-            }
-            provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
-            tail = probe.get("stderr_tail") or []
-            tail = tail.splitlines() if isinstance(tail, str) else list(tail)
-            record.log += [f"qemucapsprobe: {line}" for line in tail]
-            if probe.get("timed_out"):
-                raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
-            if not probe.get("ok"):
-                raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail[-3:]))
-            agent.transport.get(remote, local)
-            outcome.name = str(_judge(job, record, local, reply["facts"], provenance))
-            outcome.dump = local.read_text(encoding="utf-8")
+        say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
+        reply = agent.job(
+            host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, job.probe_timeout,
+            expect_arch=None if host.transport == "local" else host.arch.value, **_qemu_args(host, job),
+        )
+        if reply.get("facts"):
+            provenance["host"]["facts"] = reply["facts"]
+            check_host(host, reply["facts"])
+        if "probe" not in reply:
+            raise AgentError(f"host {host.name!r}: agent job: {reply.get('error')}")
+        libvirt, qemu, probe = reply["libvirt"], reply["qemu"], reply["probe"]
+        provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
+        provenance["qemu"] = {
+            "path": qemu.get("path") or qemu.get("binary"),
+            "version": qemu.get("version"),
+            "version_line": qemu.get("version_line"),
+            "origin": _qemu_origin(host, job),
+        }
+        provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
+        tail = probe.get("stderr_tail") or []
+        tail = tail.splitlines() if isinstance(tail, str) else list(tail)
+        record.log += [f"qemucapsprobe: {line}" for line in tail]
+        if probe.get("timed_out"):
+            raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
+        if not probe.get("ok"):
+            raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail[-3:]))
+        outcome.dump = reply.get("dump")
+        if outcome.dump is None:
+            raise _Ended("failed", "the agent's reply has no dump")
+        outcome.name = str(_judge(job, record, outcome.dump, reply["facts"], provenance))
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except HostError as e:
@@ -271,9 +264,9 @@ def _qemu_origin(host, job: Job) -> str:
     return "system" if host.toolchain.qemu_source.kind == "system" else _qemu_spec(host, job)
 
 
-def _judge(job: Job, record: JobRecord, path: Path, facts: dict, provenance: dict) -> DumpName:
+def _judge(job: Job, record: JobRecord, text: str, facts: dict, provenance: dict) -> DumpName:
     """Set the job's status, verdict and reasons; return the name the dump is stored under."""
-    d = dump.load(path)
+    d = dump.parse(text, str(job.name))
     name = job.name
     inspection = inspect(d, name)
     version = inspection.facts.qemu_version

@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -186,6 +187,18 @@ class RunRecord:
         }
 
 
+_locks: dict[str, threading.RLock] = {}
+_locks_lock = threading.Lock()
+
+
+def _lock_of(path: Path) -> threading.RLock:
+    with _locks_lock:
+        return _locks.setdefault(str(Path(path).resolve()), threading.RLock())
+
+
+os.register_at_fork(after_in_child=_locks.clear)  # a forked worker starts with no lock held
+
+
 class Ledger:
     def __init__(self, state_dir: Path, quarantine_after: int = 3):
         self.state_dir = Path(state_dir)
@@ -203,14 +216,21 @@ class Ledger:
 
     @contextmanager
     def _db(self):
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.row_factory = sqlite3.Row
-            yield db
-        finally:
-            db.close()
+        """A connection, one thread of this process at a time: the threads of a dispatcher
+        queue here instead of in SQLite's busy handler, which sleeps up to 100 ms per try.
+        Other processes (workers, the dashboard) still meet in SQLite's locks. WAL with
+        synchronous=NORMAL: a crash of farm loses nothing; a power cut may lose the last
+        commits, never consistency (and `farm runs resume` redoes unfinished jobs)."""
+        with _lock_of(self.path):
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=30000")
+                db.row_factory = sqlite3.Row
+                yield db
+            finally:
+                db.close()
 
     # --- runs -------------------------------------------------------------------------
 
@@ -396,7 +416,7 @@ class Ledger:
 
     # --- artifacts ----------------------------------------------------------------------
 
-    def store_artifact(self, run: int, job_id: str, name: str, dump_file: Path, provenance: dict) -> Path:
+    def store_artifact(self, run: int, job_id: str, name: str, dump: str, provenance: dict) -> Path:
         """Keep a job's dump as ``run-N/<job>/<libvirt name>`` with ``provenance.json`` beside it.
 
         Written to a temporary directory and renamed into place; an existing
@@ -409,7 +429,7 @@ class Ledger:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=final.parent))
         try:
-            shutil.copyfile(dump_file, tmp / name)
+            (tmp / name).write_text(dump, encoding="utf-8")
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
             os.rename(tmp, final)
         except OSError:

@@ -415,3 +415,115 @@ def test_job_probes_in_one_call(probe_cache, tmp_path):
     assert answer["libvirt"]["libvirt_version"] == "11.3.0"
     assert answer["qemu"]["path"].endswith("qemu-system-x86_64")
     assert answer["probe"]["sha256"] and out.stat().st_size == answer["probe"]["size"]
+
+
+# --------------------------------------------------------------------------- serve
+
+class Server:
+    """``farm_agent.py serve`` as a subprocess, spoken to as the coordinator does."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([agent_python(), str(AGENT), "serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.greeting = self.read()
+
+    def send(self, **message) -> None:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, "the server ended"
+        return json.loads(line)
+
+    def until_exit(self, wanted: set) -> dict:
+        """Messages until every id in wanted has its exit: {id: {"exit", "stdout", "lines"}}."""
+        ended = {}
+        lines = {}
+        while not wanted <= set(ended):
+            m = self.read()
+            if "line" in m:
+                lines.setdefault(m["id"], []).append(m["line"])
+            elif "exit" in m:
+                ended[m["id"]] = dict(m, lines=lines.get(m["id"], []))
+        return ended
+
+
+def test_serve_answers_requests_concurrently_as_the_subcommands_would(tmp_path):
+    slow = write_script(tmp_path / "slowprobe", "sleep 2\necho '{\"return\": {}}'\n")
+    server = Server()
+    assert server.greeting["serve"] and server.greeting["pid"] == server.proc.pid
+    started = time.monotonic()
+    server.send(id=1, argv=["probe", "--probe", str(slow), "--qemu", "/bin/true", "--out", str(tmp_path / "a")])
+    server.send(id=2, argv=["probe", "--probe", str(slow), "--qemu", "/bin/true", "--out", str(tmp_path / "b")])
+    server.send(id=3, argv=["facts", "--cache", str(tmp_path / "cache")])
+    server.send(id=4, argv=["bogus"])
+    server.send(id=5, argv=["serve"])
+    ended = server.until_exit({1, 2, 3, 4, 5})
+    assert time.monotonic() - started < 3.8, "the two 2 s probes ran one after the other"
+    for i in (1, 2):
+        assert ended[i]["exit"] == 0 and json.loads(ended[i]["stdout"])["ok"]
+        assert any(line.startswith("progress: probe:") for line in ended[i]["lines"])
+    assert (tmp_path / "a").read_text() == '{"return": {}}\n'
+    assert json.loads(ended[3]["stdout"])["agent_version"]
+    assert ended[4]["exit"] == 2 and "invalid choice" in json.loads(ended[4]["stdout"])["error"]
+    assert ended[5]["exit"] == 2  # no server in the server
+    server.proc.stdin.close()
+    assert server.proc.wait(10) == 0
+
+
+def test_serve_cancel_and_a_closed_stdin_leave_no_probe_behind(tmp_path):
+    """A request cancelled, and the coordinator going away mid-probe: the probe (and the
+    QEMU it daemonized) are killed, no output is left."""
+    if not os.path.exists(QEMU_X86):
+        pytest.skip("%s is not installed" % QEMU_X86)
+    pids = []
+    server = Server()
+    for i in (1, 2):
+        pid = tmp_path / f"qemu{i}.pid"
+        fake = write_script(tmp_path / f"hang{i}", (
+            f'echo $$ > "{tmp_path}/sh{i}.pid"\n'
+            f'"$1" -daemonize -display none -S -machine none -nodefaults -pidfile "{pid}" || exit 9\n'
+            f'cp "{pid}" "{pid}.saved"\nsleep 600\n'))
+        server.send(id=i, argv=["probe", "--probe", str(fake), "--qemu", QEMU_X86, "--out", str(tmp_path / f"out{i}")])
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"qemu{i}.pid.saved").exists() for i in (1, 2)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for i in (1, 2):
+        pids += [int((tmp_path / f"qemu{i}.pid.saved").read_text()), int((tmp_path / f"sh{i}.pid").read_text())]
+    server.send(id=1, cancel=True)
+    ended = server.until_exit({1})
+    assert ended[1]["exit"] == 1 and "signal" in json.loads(ended[1]["stdout"])["error"]
+    assert not pid_alive(pids[0]) and not pid_alive(pids[1])
+    assert pid_alive(pids[2]), "cancelling request 1 stopped request 2"
+    server.proc.stdin.close()  # the coordinator is gone
+    assert server.proc.wait(30) == 0
+    assert not any(pid_alive(p) for p in pids), "a probe or its QEMU outlived the server"
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_job_out_dash_returns_the_dump_in_its_reply_and_qemu_versions_are_cached(tmp_path):
+    import base64
+    import zlib
+
+    calls = tmp_path / "calls"
+    for d in ("bin", "build/tests", "tmp"):
+        (tmp_path / d).mkdir(parents=True)
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"))
+    qemu = write_script(tmp_path / "bin" / "qemu-system-x86_64",
+                        f'echo x >> "{calls}"\necho "QEMU emulator version 9.2.0"\n')
+    build = tmp_path / "build"
+    write_script(build / "tests" / "qemucapsprobe", 'echo \'{"return": {}}\'\n')
+    args = ["job", "--libvirt", f"builddir:{build}", "--target", "x86_64", "--qemu-binary", str(qemu),
+            "--out", "-", "--cache", str(tmp_path / "cache")]
+    code, reply, _ = run_agent(*args, env=env)
+    assert code == 0, reply
+    assert zlib.decompress(base64.b64decode(reply["dump"])) == b'{"return": {}}\n'
+    assert reply["probe"]["out"] == "-" and reply["qemu"]["version"] == "9.2.0"
+    assert not list((tmp_path / "tmp").iterdir()), "the job's own scratch dir stayed"
+    asked = calls.read_text().count("x")
+    assert run_agent(*args, env=env)[0] == 0
+    assert calls.read_text().count("x") == asked, "an unchanged QEMU was asked for its version again"
+    qemu.write_text(qemu.read_text().replace("9.2.0", "9.2.1"))  # rebuilt in place
+    code, reply, _ = run_agent(*args, env=env)
+    assert reply["qemu"]["version"] == "9.2.1"

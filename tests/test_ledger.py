@@ -20,7 +20,7 @@ def test_a_job_ends_once_and_its_artifact_is_never_overwritten(tmp_path):
 
     good = tmp_path / "good.replies"
     good.write_text("good\n")
-    artifact = ledger.store_artifact(run, "run-1-x86_64", "caps_9.1.0_x86_64.replies", good, {"verdict": "real"})
+    artifact = ledger.store_artifact(run, "run-1-x86_64", "caps_9.1.0_x86_64.replies", good.read_text(), {"verdict": "real"})
     assert artifact.read_text() == "good\n"
     assert (artifact.parent / "provenance.json").is_file()
 
@@ -29,7 +29,7 @@ def test_a_job_ends_once_and_its_artifact_is_never_overwritten(tmp_path):
 
     other = tmp_path / "other.replies"
     other.write_text("other\n")
-    again = ledger.store_artifact(run, "run-1-x86_64", "caps_9.1.0_x86_64.replies", other, {"verdict": "fake"})
+    again = ledger.store_artifact(run, "run-1-x86_64", "caps_9.1.0_x86_64.replies", other.read_text(), {"verdict": "fake"})
     assert again == artifact and artifact.read_text() == "good\n"
     second = ledger.finish_job(JobRecord("run-1-x86_64", run, "x86_64", None, "h2", "failed", None, ["lost"]))
     assert (second.status, second.host, second.verdict) == ("ok", "h1", "real")

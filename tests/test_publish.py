@@ -43,7 +43,7 @@ def make_run(state: Path, artifact: Path, arch: str, status: str = "ok", verdict
                           "qemu": {"version_line": "QEMU emulator version test"},
                           "libvirt": {"libvirt_version": "11.3.0", "source": "test"},
                           "verdict": {"verdict": verdict}}
-    job.artifact = str(ledger.store_artifact(run, job.id, name, artifact, prov))
+    job.artifact = str(ledger.store_artifact(run, job.id, name, artifact.read_text(), prov))
     job.status, job.verdict, job.provenance = status, verdict, prov
     ledger.finish_job(job)
     ledger.finish_run(run)

@@ -217,6 +217,42 @@ def test_the_agent_is_installed_by_hash(ssh_hosts):
     assert [p for p in os.listdir(host.toolchain.cache_dir) if ".tmp-" in p] == []
 
 
+def test_agent_calls_share_one_agent_server_per_connection(ssh_hosts):
+    """Calls go to one ``farm_agent.py serve`` per connection (a fork per call, no SSH session
+    or interpreter start-up each); a dead server or connection fails what was waiting on it
+    as a host error, and the next call starts a new one."""
+    (h,) = ssh_hosts.create(1)
+    host = host_of(h, toolchain={"cache_dir": ssh_hosts.cache_dir()})
+    agent = Agent(SSHTransport(host), host)
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda i: agent.facts(), range(8)))
+    assert all(r["agent_version"] for r in replies)
+    server = agent._server()
+    assert Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")[-3:] == [agent.path.encode(), b"serve", b""]
+    assert os.stat(f"/proc/{server.pid}").st_uid == pwd.getpwnam(FARM_USER).pw_uid
+    assert Agent(agent.transport, host)._server() is server
+    assert h.log.count("Accepted publickey") == 1
+
+    hang = Path(host.toolchain.cache_dir) / "hang"  # where the farm user can reach it
+    hang.write_text("#!/bin/sh\nsleep 60\n")
+    hang.chmod(0o755)
+    threading.Timer(1, os.kill, (server.pid, 9)).start()
+    started = time.monotonic()
+    with pytest.raises(HostError, match=f"host '{h.name}': connection lost while running probe"):
+        agent.call("probe", "--probe", str(hang), "--qemu", "/bin/true", "--out", f"{hang}.out", timeout=30)
+    assert time.monotonic() - started < 10
+    again = agent._server()
+    assert again is not server and again.pid != server.pid
+    assert agent.facts()["agent_version"]
+
+    agent.transport.close()  # the connection goes: its server sees stdin close and exits
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{again.pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{again.pid}").exists()
+    assert agent.facts()["agent_version"] and agent._server().pid != again.pid
+
+
 def test_the_default_cache_is_under_the_remote_home(ssh_hosts):
     (h,) = ssh_hosts.create(1)
     host = host_of(h)  # no cache_dir: ~/.cache/farm of the farm user, expanded there

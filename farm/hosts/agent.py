@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import threading
 import uuid
 import weakref
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from farm.hosts import HostError, Transport
+from farm.hosts.server import AgentServer
 
 AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
 
@@ -49,6 +52,9 @@ with open(sys.argv[2], "rb") as f:
 # per transport: (python, cache as configured) -> {"cache": absolute path, "sha256": of the agent there}
 _installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _installed_lock = threading.Lock()
+# per transport that can keep a command running (ssh): (python, agent path) -> its AgentServer
+_servers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_servers_lock = threading.Lock()
 
 
 class AgentError(HostError):
@@ -56,7 +62,9 @@ class AgentError(HostError):
 
 
 class Agent:
-    """The agent of one host. Every call runs ``python3 farm_agent.py SUBCOMMAND ...``."""
+    """The agent of one host. A call runs ``python3 farm_agent.py SUBCOMMAND ...``: on a
+    host over SSH through the agent server of the connection (farm.hosts.server: started
+    once, a fork per call), on this machine as a process of its own."""
 
     def __init__(self, transport: Transport, host, progress: Callable[[str], None] | None = None):
         self.transport = transport
@@ -120,11 +128,27 @@ class Agent:
             raise HostError(f"host {self.host.name!r}: installing the agent at {self.path} failed: {tail}")
         self._remote["sha256"] = digest
         self.uploaded = True
+        with _servers_lock:  # a server still running the old agent
+            old = _servers.get(self.transport, {}).pop((self.python, self.path), None)
+        if old is not None:
+            old.close()
         return True
 
+    def _server(self) -> AgentServer:
+        """The agent server of this transport, started when there is none or it died."""
+        with _servers_lock:
+            servers = _servers.setdefault(self.transport, {})
+            key = (self.python, self.path)
+            server = servers.get(key)
+            if server is None or server.dead:
+                server = servers[key] = AgentServer(self.transport, [self.python, self.path, "serve"], self.host.name)
+            return server
+
     def call(self, *args: str, timeout: float = FACTS_TIMEOUT, check: bool = True) -> dict:
-        argv = [self.python, self.path, *args]
-        done = self.transport.run(argv, timeout=timeout, on_line=self._progress)
+        if hasattr(self.transport, "start"):
+            done = self._server().call(list(args), timeout=timeout, on_line=self._progress)
+        else:
+            done = self.transport.run([self.python, self.path, *args], timeout=timeout, on_line=self._progress)
         what = f"host {self.host.name!r}: agent {args[0]}"
         if done.timed_out:
             raise HostError(f"{what}: no answer within {timeout:.0f} s")
@@ -145,14 +169,21 @@ class Agent:
         """Host facts; with ``target`` only that qemu-system-TARGET is looked at (faster)."""
         return self.call("facts", "--cache", self.cache, *(["--target", target] if target else []))
 
-    def job(self, libvirt: str, target: str, out: str, timeout: float, qemu_binary: str | None = None,
+    def job(self, libvirt: str, target: str, timeout: float, qemu_binary: str | None = None,
             qemu_source: str | None = None, expect_arch: str | None = None) -> dict:
         """facts + toolchains + probe in one agent run. The reply says how far it got:
-        ``facts`` (always, unless the agent failed early), ``libvirt``, ``qemu``, ``probe``."""
-        args = ["job", "--libvirt", libvirt, "--target", target, "--out", out, "--timeout", str(timeout),
+        ``facts`` (always, unless the agent failed early), ``libvirt``, ``qemu``, ``probe``, and
+        ``dump``: the text the probe wrote (it travels in the reply, compressed)."""
+        args = ["job", "--libvirt", libvirt, "--target", target, "--out", "-", "--timeout", str(timeout),
                 "--cache", self.cache]
         for flag, value in (("--qemu-binary", qemu_binary), ("--qemu-source", qemu_source),
                             ("--expect-arch", expect_arch)):
             if value:
                 args += [flag, value]
-        return self.call(*args, timeout=BUILD_TIMEOUT + timeout, check=False)
+        reply = self.call(*args, timeout=BUILD_TIMEOUT + timeout, check=False)
+        if reply.get("dump") is not None:
+            try:
+                reply["dump"] = zlib.decompress(base64.b64decode(reply["dump"])).decode("utf-8")
+            except (ValueError, zlib.error, UnicodeDecodeError) as e:
+                raise HostError(f"host {self.host.name!r}: agent job: the dump in its reply is damaged: {e}") from None
+        return reply

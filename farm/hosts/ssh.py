@@ -199,6 +199,22 @@ class SSHTransport:
         finally:
             channel.close()
 
+    def start(self, argv: list[str]) -> paramiko.Channel:
+        """Start ``argv`` on the host and leave it running, stdin open, stderr merged into
+        stdout: the channel, for the caller to talk to (a long-lived agent server)."""
+        if not argv:
+            raise ValueError("empty argv")
+        command = " ".join(shlex.quote(str(a)) for a in argv)
+        channel = self._session()
+        try:
+            channel.set_combine_stderr(True)
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            channel.close()
+            self._drop()
+            raise self._fail(f"cannot run {argv[0]}: {e or type(e).__name__}") from None
+        return channel
+
     def _collect(self, channel: paramiko.Channel, argv: list[str], timeout: float | None,
                  on_line: Callable[[str], None] | None) -> Completed:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -1,0 +1,141 @@
+"""The agent's ``serve`` mode, from the coordinator's side: one agent per connection.
+
+Started once per SSH connection (``python3 farm_agent.py serve``), the agent forks a copy
+of itself for every request instead of the host starting sshd's session, a shell and a
+Python interpreter per call. Requests and replies are JSON lines tagged with an id (see
+``serve()`` in agents/farm_agent.py), so the jobs of a host share it. What a call returns
+is what running the subcommand alone returns (``Completed``); when the server or its
+connection goes away, the calls waiting on it fail as a lost connection would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from farm.hosts import Completed, HostError
+
+START_TIMEOUT = 60.0  # seconds for the server's greeting
+
+
+@dataclass
+class _Call:
+    argv: list[str]
+    on_line: Callable[[str], None] | None
+    stderr: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Completed | None = None
+    error: str | None = None
+
+
+class AgentServer:
+    """A running ``farm_agent.py serve`` behind ``transport.start(argv)``."""
+
+    def __init__(self, transport, argv: list[str], name: str):
+        self.name = name
+        self._channel = transport.start(argv)
+        self._send_lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._calls_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._said: deque[str] = deque(maxlen=5)  # the server's own words (not JSON), for errors
+        self.dead: str | None = None
+        self._channel.settimeout(START_TIMEOUT)
+        self._lines = self._channel.makefile("rb")
+        greeting = self._greeting()
+        self.pid = greeting.get("pid")
+        self._channel.settimeout(None)
+        threading.Thread(target=self._read, name=f"farm-agent-{name}", daemon=True).start()
+
+    def _greeting(self) -> dict:
+        try:
+            for raw in self._lines:
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    self._said.append(raw.decode(errors="replace").strip())
+                    continue
+                if isinstance(message, dict) and "serve" in message:
+                    return message
+        except (OSError, EOFError) as e:  # socket.timeout is an OSError
+            self.close()
+            raise HostError(f"host {self.name!r}: the agent server did not start: {e or type(e).__name__}") from None
+        self.close()
+        raise HostError(f"host {self.name!r}: the agent server did not start: "
+                        f"{' | '.join(self._said) or 'it exited without a word'}")
+
+    def _read(self) -> None:
+        try:
+            for raw in self._lines:
+                try:
+                    message = json.loads(raw)
+                    request = int(message["id"])
+                except (ValueError, KeyError, TypeError):
+                    self._said.append(raw.decode(errors="replace").strip())
+                    continue
+                with self._calls_lock:
+                    call = self._calls.get(request)
+                if call is None:
+                    continue
+                if "line" in message:
+                    call.stderr.append(message["line"] + "\n")
+                    if call.on_line:
+                        call.on_line(message["line"])
+                elif "exit" in message:
+                    call.result = Completed(call.argv, int(message["exit"]), message.get("stdout", ""),
+                                            "".join(call.stderr))
+                    call.done.set()
+            reason = "the agent server exited" + (f": {' | '.join(self._said)}" if self._said else "")
+        except (OSError, EOFError) as e:
+            reason = f"connection lost ({e or type(e).__name__})"
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.dead = self.dead or reason
+        with self._calls_lock:
+            calls, self._calls = list(self._calls.values()), {}
+        for call in calls:
+            call.error = f"host {self.name!r}: connection lost while running {call.argv[0]}: {self.dead}"
+            call.done.set()
+
+    def _send(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            with self._send_lock:
+                self._channel.sendall(data)
+        except (OSError, EOFError) as e:
+            self._end(f"cannot send: {e or type(e).__name__}")
+            self.close()
+
+    def call(self, argv: list[str], timeout: float | None = None,
+             on_line: Callable[[str], None] | None = None) -> Completed:
+        """Run ``argv`` (a subcommand and its arguments) on the server; like ``Transport.run``."""
+        call = _Call(list(argv), on_line)
+        request = next(self._ids)
+        with self._calls_lock:
+            if self.dead:
+                raise HostError(f"host {self.name!r}: {self.dead}")
+            self._calls[request] = call
+        self._send({"id": request, "argv": call.argv})
+        finished = call.done.wait(timeout)
+        with self._calls_lock:
+            self._calls.pop(request, None)
+        if not finished:
+            self._send({"id": request, "cancel": True})
+            return Completed(call.argv, -1, "", "".join(call.stderr), timed_out=True)
+        if call.error:
+            raise HostError(call.error)
+        assert call.result is not None
+        return call.result
+
+    def close(self) -> None:
+        """Close the channel: the server stops what it runs and exits."""
+        self.dead = self.dead or "closed"
+        try:
+            self._channel.close()
+        except Exception:  # noqa: BLE001 - closing a dead channel
+            pass
