@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from farm.caps.version import QemuVersion
+from farm.nightly import Discovery, Tag, _of_candidate, parse_tags
 from tests.helpers import REPO, farm
 from tests.paths import CACHE
 from tests.standin import standin_builddir
@@ -178,3 +180,78 @@ def test_resume_builds_the_runs_ref(qemu_farm):
     assert job["status"] == "ok", job
     assert provenance(job["artifact"])["qemu"]["commit"] == qemu_farm.head
     assert ledger.run(run).qemu_ref == qemu_farm.head
+
+
+# --- farm nightly: the development head ------------------------------------------------------
+
+
+def head_items(out: dict) -> list[tuple[str, str | None, str, str, str]]:
+    return [(i["qemu"], i["ref"], i["arch"], i["action"], i["why"])
+            for i in out["plan"] + out["skipped"] if i["tag"] == "HEAD"]
+
+
+def test_nightly_probes_the_head_as_the_next_release_until_it_moves(qemu_farm):
+    code, out, err = farm(qemu_farm.env, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert head_items(out) == [("8.0.0", qemu_farm.head, "x86_64", "probe", "missing")]  # after 7.2 comes 8.0
+    (run,) = out["runs"]
+    assert (run["qemu"], run["ref"]) == ("8.0.0", qemu_farm.head)
+    assert [(j["status"], j["verdict"]) for j in run["jobs"]] == [("ok", "real")]
+    code, shown, err = farm(qemu_farm.env, "runs", "show", str(run["run"]), "--json")
+    (job,) = shown["jobs"]
+    assert shown["qemu_ref"] == qemu_farm.head
+    assert Path(job["artifact"]).name == "caps_8.0.0_x86_64.replies"
+    assert provenance(job["artifact"])["qemu"]["commit"] == qemu_farm.head
+
+    code, out, err = farm(qemu_farm.env, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert out["plan"] == [] and out["runs"] == []
+    assert head_items(out) == [("8.0.0", qemu_farm.head, "x86_64", "skip", "covered")]
+
+    moved = develop(qemu_farm.repo, "more development")
+    code, out, err = farm(qemu_farm.env, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert head_items(out) == [("8.0.0", moved, "x86_64", "probe",
+                                f"stale: head moved from {qemu_farm.head[:12]} to {moved[:12]}")]
+    (run,) = out["runs"]
+    assert [(j["status"], j["verdict"]) for j in run["jobs"]] == [("ok", "real")]
+    (job,) = farm(qemu_farm.env, "runs", "show", str(run["run"]), "--json")[1]["jobs"]
+    assert provenance(job["artifact"])["qemu"]["commit"] == moved
+    assert farm(qemu_farm.env, "nightly", "--once", "--json")[1]["plan"] == []
+
+
+def test_head_probing_can_be_turned_off(qemu_farm):
+    code, out, err = farm({**qemu_farm.env, "FARM_NIGHTLY_HEAD": "0"}, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert head_items(out) == [] and out["runs"] == []
+    assert any("FARM_NIGHTLY_HEAD is off" in note for note in out["notes"])
+
+
+def test_the_head_needs_a_host_that_builds_qemu_from_git(qemu_farm):
+    code, out, err = farm(qemu_farm.with_system_qemu(), "nightly", "--once", "--json")
+    assert code == 0, err
+    assert head_items(out) == [("8.0.0", qemu_farm.head, "x86_64", "skip",
+                                "head: no host of x86_64 builds QEMU from git")]
+    assert out["runs"] == []
+
+
+def test_the_head_is_the_next_release_once_the_newest_line_is_released():
+    def development(*tags: str) -> tuple[Tag | None, str]:
+        listing = "".join(f"{i:040x}\trefs/tags/{t}\n" for i, t in enumerate(tags))
+        return Discovery("u", parse_tags(listing), "f" * 40).development(QemuVersion(7, 0))
+
+    assert development("v7.1.0", "v7.2.0-rc1", "v7.2.0")[0] == Tag("HEAD", QemuVersion(8, 0), commit="f" * 40)
+    assert development("v8.0.0", "v7.2.1")[0].version == QemuVersion(8, 1)
+    head, note = development("v7.2.0", "v8.0.0-rc1", "v8.0.0-rc2")  # in freeze: the rc covers it
+    assert head is None and "QEMU 8.0.0 in freeze, covered by v8.0.0-rc2" in note
+    head, note = development("v6.1.0")  # 6.2.0: older than FARM_NIGHTLY_MIN_QEMU
+    assert head is None and "below the minimum" in note
+
+
+def test_release_candidates_and_releases_supersede_head_results():
+    head = Tag("HEAD", QemuVersion(8, 0), commit="a" * 40)
+    result = {"qemu": {"commit": "a" * 40, "version": "7.2.50"}, "verdict": {"facts": {"qemu_version": "7.2.50"}}}
+    assert _of_candidate(result, head)
+    assert not _of_candidate(result, Tag("HEAD", QemuVersion(8, 0), commit="b" * 40))  # the head moved
+    assert not _of_candidate(result, Tag("v8.0.0-rc0", QemuVersion(8, 0), 0))
+    assert not _of_candidate(result, Tag("v8.0.0", QemuVersion(8, 0)))
