@@ -394,7 +394,8 @@ def render(result: Pass) -> str:
     elif result.dry_run:
         lines.append(f"dry run: would probe {len(result.plan)} job(s)")
     for r in result.runs:
-        lines.append(f"run {r['run']}: QEMU {r['qemu']}{f' at ' + r['ref'][:12] if r.get('ref') else ''}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
+        at = f" at {r['ref'][:12]}" if r.get("ref") else ""
+        lines.append(f"run {r['run']}: QEMU {r['qemu']}{at}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
         if r.get("publication"):
             p = r["publication"]
             lines.append(f"  publish: {p.get('message') or p.get('error')}")

@@ -125,7 +125,7 @@ def test_probe_builds_a_git_ref_and_files_the_dump_under_the_release(qemu_farm):
     assert code == 0, err
     assert (shown["qemu"], shown["qemu_ref"]) == ("8.0.0", qemu_farm.head)
     text = subprocess.run([sys.executable, "-m", "farm", "runs", "show", str(out["run"])], env=qemu_farm.env,
-                          capture_output=True, text=True, cwd=REPO).stdout
+                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert f"QEMU 8.0.0 (built at {qemu_farm.head})" in text
     assert f"built at <code>{qemu_farm.head}</code>" in dashboard(qemu_farm.env, f"/runs/{out['run']}")
 
