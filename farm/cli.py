@@ -312,6 +312,7 @@ def cmd_probe(args) -> int:
             inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=_broker(args),
             progress=progress.update, on_start=progress.start,
             only=[n.strip() for n in args.hosts.split(",") if n.strip()] if args.hosts else None,
+            qemu_ref=args.ref,
         )
     published = None
     if args.publish:
@@ -486,7 +487,7 @@ def cmd_runs_list(args) -> int:
         for j in r.jobs:
             counts[j.status] = counts.get(j.status, 0) + 1
         table.add_row(
-            str(r.id), r.qemu, ",".join(r.archs) + (f" +{r.variant}" if r.variant else ""), r.mode, r.status,
+            str(r.id), _qemu(r), ",".join(r.archs) + (f" +{r.variant}" if r.variant else ""), r.mode, r.status,
             _when(r.created), " ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         )
     _console().print(table)
@@ -501,7 +502,7 @@ def cmd_runs_show(args) -> int:
     if args.json:
         _print_json({**record.to_json(), "publications": [p.to_json() for p in publications]})
     else:
-        print(f"run {record.id}: QEMU {record.qemu}, {record.status}, started {_when(record.created)}, "
+        print(f"run {record.id}: QEMU {_qemu(record)}, {record.status}, started {_when(record.created)}, "
               f"inventory {record.inventory}")
         _print_run(record)
         for p in publications:
@@ -558,7 +559,7 @@ def _print_run(record) -> None:
 
     style = {"ok": "green", "fake": "bold red", "invalid": "bold red", "wrong-version": "bold red",
              "failed": "red", "timeout": "red", "running": "yellow", "pending": "dim"}
-    table = Table(title=f"run {record.id}: QEMU {record.qemu}")
+    table = Table(title=f"run {record.id}: QEMU {_qemu(record)}")
     for column in ("arch", "host", "status", "verdict", "reasons", "artifact"):
         table.add_column(column, overflow="fold")
     for j in record.jobs:
@@ -568,6 +569,11 @@ def _print_run(record) -> None:
             "\n".join(j.reasons + [f"warning: {w}" for w in j.warnings]) or "-", j.artifact or "-",
         )
     _console().print(table)
+
+
+def _qemu(record) -> str:
+    """A run's QEMU: its release, and the git ref built when it was not the release's tag."""
+    return record.qemu + (f" (built at {record.qemu_ref})" if record.qemu_ref else "")
 
 
 def _job_json(j) -> dict:
@@ -697,6 +703,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(sub, "probe", cmd_probe, "probe a QEMU release on the inventory's hosts and judge the dumps")
     p.add_argument("--qemu", required=True, metavar="VERSION", help="QEMU release, e.g. 9.1.0")
+    p.add_argument("--ref", metavar="REF", help="a git ref or commit of QEMU to build instead of the tag vVERSION "
+                   "(hosts whose toolchain.qemu is git:URL@REF); the dumps are filed under VERSION")
     p.add_argument("--arch", default="all", metavar="ARCHS", help="all (the inventory's), native, or x86_64,s390x,...")
     p.add_argument("--variant", metavar="V", help="a dump variant, e.g. amdsev (hosts that list it)")
     p.add_argument("--hosts", metavar="NAME,...", help="only these hosts (distributed: sent to their own queues)")

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
         description="QEMU's git repository; farm nightly reads its release tags (git ls-remote --tags).",
     )
     nightly_min_qemu: str = Field("9.0.0", description="Oldest QEMU release farm nightly probes.")
+    nightly_head: bool = Field(
+        True, description="Whether farm nightly probes QEMU's development head (as the next release)."
+    )
     nightly_cron: str = Field(
         "0 2 * * *", description="When farm nightly without --once runs a pass (cron expression, local time)."
     )

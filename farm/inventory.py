@@ -67,6 +67,19 @@ def _local_path(value: Any, info: ValidationInfo) -> Any:
     return path if path.is_absolute() or base is None else base / path
 
 
+def git_ref_problem(ref: str) -> str | None:
+    """What is wrong with ``ref`` as the git ref or commit of a source; None when nothing is."""
+    if not ref:
+        return "empty"
+    if ref.startswith("-"):
+        return "starts with '-'"
+    if any(c.isspace() or not c.isprintable() for c in ref):
+        return "has whitespace or control characters"
+    if not _GIT_REF.fullmatch(ref):
+        return "not a branch, tag or commit (letters, digits and . _ / + - only)"
+    return None
+
+
 class Source(NamedTuple):
     """A parsed toolchain source, e.g. ``git:URL@REF`` -> ("git", URL, REF)."""
 
@@ -85,7 +98,7 @@ def _parse_source(text: str, kinds: tuple[str, ...]) -> Source:
         return Source(kind)
     if kind == "git":
         url, at, ref = rest.rpartition("@")
-        if not at or not url or not _GIT_REF.fullmatch(ref) or any(c.isspace() for c in url):
+        if not at or not url or git_ref_problem(ref) or any(c.isspace() for c in url):
             raise ValueError(f"bad source {text!r}: expected git:URL@REF, e.g. git:{LIBVIRT_GIT}@master")
         return Source(kind, url, ref)
     if kind == "debian":
@@ -131,6 +144,11 @@ class Toolchain(BaseModel):
     @property
     def qemu_source(self) -> Source:
         return _parse_source(self.qemu, ("system", "binary", "tarball", "git"))
+
+    @property
+    def qemu_from_git(self) -> bool:
+        """Does this host build QEMU from git (and so can build any ref, not just a release's tag)?"""
+        return self.qemu_source.kind == "git"
 
 
 def parse_host_key(text: str) -> str:

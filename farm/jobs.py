@@ -1,4 +1,5 @@
-"""One job: probe one QEMU release for one arch (and variant) on one host.
+"""One job: probe one QEMU release (or a git ref of QEMU, filed under a release) for one arch
+(and variant) on one host.
 
 ``run_job`` is the only place a probe happens: the embedded dispatcher calls
 it from threads, a Celery worker calls the same function. It never ends in
@@ -46,6 +47,7 @@ class Job:
     variant: str | None = None
     probe_timeout: float = PROBE_TIMEOUT
     targeted: bool = False  # only the hosts planned for it, by their own queues
+    qemu_ref: str | None = None  # a git ref or commit of QEMU to build instead of the tag vQEMU
 
     @property
     def id(self) -> str:
@@ -195,11 +197,12 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
     provenance: dict = {"job": job.id, "host": {"name": host.name, "arch": host.arch.value}}
     outcome = Outcome(record)
     try:
+        qemu_args = _qemu_args(host, job)
         agent = Agent(transport_for(host), host, say)
         say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
         reply = agent.job(
             host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, job.probe_timeout,
-            expect_arch=None if host.transport == "local" else host.arch.value, **_qemu_args(host, job),
+            expect_arch=None if host.transport == "local" else host.arch.value, **qemu_args,
         )
         if reply.get("facts"):
             provenance["host"]["facts"] = reply["facts"]
@@ -212,6 +215,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
             "path": qemu.get("path") or qemu.get("binary"),
             "version": qemu.get("version"),
             "version_line": qemu.get("version_line"),
+            "commit": qemu.get("commit"),  # built from git: the commit
             "origin": _qemu_origin(host, job),
         }
         provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
@@ -244,14 +248,18 @@ def check_host(host, facts: dict) -> None:
 
 
 def _qemu_spec(host, job: Job) -> str:
-    """The host's QEMU source for this job: a git source builds the tag of the release asked for."""
+    """The host's QEMU source for this job: a git source builds the job's ref, else the tag of the
+    release asked for."""
     source = host.toolchain.qemu_source
     if source.kind == "git":
-        return f"git:{source.location}@v{job.qemu}"
+        return f"git:{source.location}@{job.qemu_ref or f'v{job.qemu}'}"
     return host.toolchain.qemu
 
 
 def _qemu_args(host, job: Job) -> dict:
+    if job.qemu_ref and not host.toolchain.qemu_from_git:  # the run planner gives such jobs other hosts
+        raise _Ended("failed", f"host {host.name!r} cannot build QEMU at {job.qemu_ref}: its toolchain.qemu "
+                     f"is {host.toolchain.qemu}, not git:URL@REF")
     kind = host.toolchain.qemu_source.kind
     if kind == "system":
         return {}

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS runs (
     inventory TEXT,
     mode TEXT NOT NULL DEFAULT 'embedded',
     timeout REAL,
+    qemu_ref TEXT,
     status TEXT NOT NULL DEFAULT 'running',
     created REAL NOT NULL,
     finished REAL
@@ -163,6 +164,7 @@ class RunRecord:
     created: float
     finished: float | None
     timeout: float | None = None
+    qemu_ref: str | None = None  # the git ref or commit of QEMU built instead of the release's tag
     jobs: list[JobRecord] = field(default_factory=list)
 
     @property
@@ -176,6 +178,7 @@ class RunRecord:
         return {
             "run": self.id,
             "qemu": self.qemu,
+            "qemu_ref": self.qemu_ref,
             "archs": self.archs,
             "variant": self.variant,
             "inventory": self.inventory,
@@ -211,6 +214,8 @@ class Ledger:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
             if "timeout" not in columns:  # ledgers from before runs kept their probe timeout
                 db.execute("ALTER TABLE runs ADD COLUMN timeout REAL")
+            if "qemu_ref" not in columns:  # before runs could build a git ref of QEMU
+                db.execute("ALTER TABLE runs ADD COLUMN qemu_ref TEXT")
             if "log" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
                 db.execute("ALTER TABLE jobs ADD COLUMN log TEXT NOT NULL DEFAULT '[]'")  # before job logs
 
@@ -236,12 +241,13 @@ class Ledger:
 
     def new_run(
         self, qemu: str, archs: list[str], variant: str | None, inventory: str | None, mode: str,
-        timeout: float | None = None,
+        timeout: float | None = None, qemu_ref: str | None = None,
     ) -> int:
         with self._db() as db:
             cur = db.execute(
-                "INSERT INTO runs (qemu, archs, variant, inventory, mode, timeout, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (qemu, json.dumps(archs), variant, inventory, mode, timeout, time.time()),
+                "INSERT INTO runs (qemu, archs, variant, inventory, mode, timeout, qemu_ref, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (qemu, json.dumps(archs), variant, inventory, mode, timeout, qemu_ref, time.time()),
             )
             return int(cur.lastrowid)
 
@@ -280,7 +286,7 @@ class Ledger:
     def _run_record(row: sqlite3.Row) -> RunRecord:
         return RunRecord(
             row["id"], row["qemu"], json.loads(row["archs"]), row["variant"], row["inventory"],
-            row["mode"], row["status"], row["created"], row["finished"], row["timeout"],
+            row["mode"], row["status"], row["created"], row["finished"], row["timeout"], row["qemu_ref"],
         )
 
     @staticmethod

@@ -3,25 +3,37 @@
 One pass (``farm nightly --once``):
 
 1. discover: ``git ls-remote --tags QEMU_GIT_URL`` gives the tags ``vX.Y.Z`` (releases) and
-   ``vX.Y.Z-rcN`` (release candidates); ``git ls-remote QEMU_GIT_URL HEAD`` the development head,
-   which is noted in the plan but not probed. libvirt files its dumps per ``X.Y.0``, so the
-   candidates are the ``X.Y.0`` releases at or above ``nightly_min_qemu``: the release when it is
-   tagged, else its newest release candidate (probed as ``X.Y.0``: a release candidate reports
-   ``X.(Y-1).9N`` and is filed under ``X.Y.0``). Stable releases ``X.Y.Z`` (Z > 0) are listed only.
+   ``vX.Y.Z-rcN`` (release candidates); ``git ls-remote QEMU_GIT_URL HEAD`` the development head.
+   libvirt files its dumps per ``X.Y.0``, so the candidates are the ``X.Y.0`` releases at or above
+   ``nightly_min_qemu``: the release when it is tagged, else its newest release candidate (probed
+   as ``X.Y.0``: a release candidate reports ``X.(Y-1).9N`` and is filed under ``X.Y.0``). Stable
+   releases ``X.Y.Z`` (Z > 0) are listed only.
+   The development head (unless ``nightly_head`` is off): if the newest release line among the
+   tags is released (``vX.Y.0`` is tagged, not just its rcs), the head is the development of the
+   next release NEXT (QEMU's convention: after X.2 comes (X+1).0, else X.(Y+1).0) and is one more
+   candidate, ``HEAD``: release NEXT built at the head's commit (pinned at discovery, so every arch
+   builds the same commit; a development QEMU X.Y.50 is filed under NEXT), for the arches that have
+   a host building QEMU from git (``toolchain.qemu`` ``git:URL@REF``; other arches: skipped, with
+   why). If the newest line is still in release candidates, the head is that release in freeze,
+   covered by its newest rc: noted, not planned.
 2. plan, for each candidate x each arch of the inventory (no variants), from the ledger's final jobs
    of that release and arch (any run):
    - a result is *current* when it was made with the hosts' current libvirt probe (provenance
      ``libvirt.source`` equal to the toolchain's ``libvirt``, and ``libvirt.commit`` equal to the
      toolchain's commit when that is known: a ``git:URL@REF`` toolchain is resolved with
      ``git ls-remote``) and with QEMU of the current candidate (a result of a release candidate
-     is not current once the release or a later candidate is tagged);
+     is not current once the release or a later candidate is tagged, a result of the development
+     head once an rc or the release is tagged; a head result is current while its QEMU commit is
+     the head's: a head that moved makes it stale);
    - a current ``ok`` result with verdict ``real``: covered, nothing to do;
    - a current ``ok`` (fake, TCG), ``fake``, ``invalid`` or ``wrong-version`` result: tried, not
      retried (the same toolchain would give the same answer) until the toolchain or the tag changes;
    - only results that are not current: *stale*, probed again;
-   - no result at all: covered when the libvirt tree has a real dump of it, else *missing*, probed;
+   - no result at all: covered when the libvirt tree has a real dump of it (not for the head: the
+     tree's dump of the next release is of an older development QEMU), else *missing*, probed;
    - infrastructure failures (``failed``, ``timeout``) are not results: probed again next night.
-3. probe: one run per release (farm.run.probe, embedded or on the broker), over the arches planned.
+3. probe: one run per release (farm.run.probe, embedded or on the broker), over the arches planned;
+   the head's run builds QEMU at the head's commit (``qemu_ref``).
 4. publish (with ``publish``): each run through farm.publish.publisher; a run without a dump to
    publish, or whose dumps equal the tree's, publishes nothing.
 
@@ -49,13 +61,17 @@ _TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 TRIED = ("ok", "fake", "invalid", "wrong-version")  # final statuses that are an answer, not an accident
 GIT_TIMEOUT = 300
+HEAD = "HEAD"  # the development head's name among the candidates
 
 
 @dataclass(frozen=True)
 class Tag:
+    """A candidate: a release tag, a release candidate's tag, or the development head (``HEAD``)."""
+
     name: str
     version: QemuVersion  # the release it is of (a release candidate: the release it leads to)
     rc: int | None = None
+    commit: str | None = None  # the head: the commit its results must have been built from
 
     def to_json(self) -> dict:
         return {"tag": self.name, "version": str(self.version), "rc": self.rc}
@@ -78,6 +94,22 @@ class Discovery:
                 best[t.version] = t
         return [best[v] for v in sorted(best)]
 
+    def development(self, minimum: QemuVersion) -> tuple[Tag | None, str]:
+        """The development head as a candidate (None: not one) and a note saying what it is."""
+        if not self.head:
+            return None, "no development head"
+        if not self.tags:
+            return None, f"development head {self.head[:12]}: no release tag to tell its release by"
+        newest = max(t.version for t in self.tags)
+        line = QemuVersion(newest.major, newest.minor)
+        if not any(t.version == line and t.rc is None for t in self.tags):
+            rc = max((t for t in self.tags if t.version == line), key=_rank)
+            return None, f"development head {self.head[:12]}: QEMU {line} in freeze, covered by {rc.name}"
+        following = line.next_release()
+        if following < minimum:
+            return None, f"development head {self.head[:12]}: QEMU {following} is below the minimum {minimum}"
+        return Tag(HEAD, following, commit=self.head), f"development head {self.head[:12]}: QEMU {following}"
+
     def to_json(self) -> dict:
         return {"url": self.url, "head": self.head, "tags": [t.to_json() for t in self.tags]}
 
@@ -89,13 +121,15 @@ def _rank(t: Tag) -> int:
 @dataclass
 class Item:
     qemu: str
-    tag: str
+    tag: str  # vX.Y.Z, vX.Y.Z-rcN or HEAD
     arch: str
     action: str  # probe | skip
-    why: str  # missing | stale: ... | covered | tried: STATUS | in tree
+    why: str  # missing | stale: ... | covered | tried: STATUS | in tree | head: no host ...
+    ref: str | None = None  # the head: the commit to build QEMU at
 
     def to_json(self) -> dict:
-        return {"qemu": self.qemu, "tag": self.tag, "arch": self.arch, "action": self.action, "why": self.why}
+        return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "action": self.action,
+                "why": self.why}
 
 
 @dataclass
@@ -190,8 +224,11 @@ def _made_with(provenance: dict | None, libvirts: list[dict]) -> bool:
 
 
 def _of_candidate(provenance: dict | None, tag: Tag) -> bool:
-    """Was the result made with QEMU of ``tag`` (a release: not a development QEMU; rcN: rcN or later)?"""
+    """Was the result made with QEMU of ``tag`` (a release: not a development QEMU; rcN: rcN or later;
+    the head: built at its commit)?"""
     p = provenance or {}
+    if tag.commit:
+        return (p.get("qemu") or {}).get("commit") == tag.commit
     text = (((p.get("verdict") or {}).get("facts") or {}).get("qemu_version")  # the dump's own query-version
             or (p.get("qemu") or {}).get("version"))
     try:
@@ -227,15 +264,21 @@ def tree_real(tree: Path | None) -> set[tuple[str, str]]:
 
 
 def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, tree: Path | None,
-         resolve: Callable[[str, str], str | None] = _ls_remote_ref) -> list[Item]:
+         resolve: Callable[[str, str], str | None] = _ls_remote_ref, head: Tag | None = None) -> list[Item]:
+    """The items of a pass: the candidates of ``discovery`` and the development ``head``, per arch."""
     archs = list(dict.fromkeys(h.arch.value for h in inventory.hosts))
+    git_archs = {h.arch.value for h in inventory.hosts if h.toolchain.qemu_from_git}
     results = ledger_results(ledger)
     in_tree = tree_real(tree)
     libvirts = {arch: current_libvirt(inventory, arch, resolve) for arch in archs}
     items = []
-    for tag in discovery.candidates(minimum):
+    for tag in discovery.candidates(minimum) + ([head] if head else []):
         qemu = str(tag.version)
         for arch in archs:
+            if tag.commit and arch not in git_archs:
+                items.append(Item(qemu, tag.name, arch, "skip", f"head: no host of {arch} builds QEMU from git",
+                                  tag.commit))
+                continue
             jobs = results.get((qemu, arch), [])
             answers = [j for j in jobs if j.status in TRIED]
             current = [j for j in answers if _made_with(j.provenance, libvirts[arch]) and _of_candidate(j.provenance, tag)]
@@ -245,11 +288,11 @@ def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, 
                 action, why = "skip", f"tried: {current[0].status} (run {current[0].run})"
             elif answers:
                 action, why = "probe", _stale_reason(answers[0], libvirts[arch], tag)
-            elif (qemu, arch) in in_tree:
+            elif (qemu, arch) in in_tree and not tag.commit:
                 action, why = "skip", "in tree"
             else:
                 action, why = "probe", "missing" if not jobs else f"missing (last: {jobs[0].status}, run {jobs[0].run})"
-            items.append(Item(qemu, tag.name, arch, action, why))
+            items.append(Item(qemu, tag.name, arch, action, why, tag.commit))
     return items
 
 
@@ -257,6 +300,11 @@ def _stale_reason(job, libvirts: list[dict], tag: Tag) -> str:
     if not _made_with(job.provenance, libvirts):
         made = (job.provenance or {}).get("libvirt") or {}
         return f"stale: run {job.run} used libvirt {made.get('source')} ({made.get('commit') or 'no commit'})"
+    if tag.commit:
+        built = ((job.provenance or {}).get("qemu") or {}).get("commit")
+        if built:
+            return f"stale: head moved from {built[:12]} to {tag.commit[:12]}"
+        return f"stale: run {job.run} did not build QEMU from git (head {tag.commit[:12]})"
     return f"stale: run {job.run} probed an older QEMU than {tag.name}"
 
 
@@ -286,20 +334,21 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
     with _exclusive(settings.state_dir):
         say(f"discovering QEMU releases of {settings.qemu_git_url}")
         discovery = discover(settings.qemu_git_url)
-        items = plan(discovery, minimum, inventory, ledger, tree)
-        result = Pass(discovery, items, dry_run)
-        if discovery.head:
-            result.notes.append(f"development head {discovery.head[:12]}: noted, not probed")
+        head, note = discovery.development(minimum)
+        if head and not settings.nightly_head:
+            head, note = None, f"{note}: not probed (FARM_NIGHTLY_HEAD is off)"
+        items = plan(discovery, minimum, inventory, ledger, tree, head=head)
+        result = Pass(discovery, items, dry_run, notes=[note])
         if dry_run:
             return result
-        by_release: dict[str, list[str]] = {}
+        by_release: dict[tuple[str, str | None], list[str]] = {}
         for item in result.plan:
-            by_release.setdefault(item.qemu, []).append(item.arch)
-        for qemu, archs in by_release.items():
-            say(f"probing QEMU {qemu} on {', '.join(archs)}")
-            record = probe(inventory, qemu, ",".join(archs), ledger, broker=broker,
+            by_release.setdefault((item.qemu, item.ref), []).append(item.arch)
+        for (qemu, ref), archs in by_release.items():
+            say(f"probing QEMU {qemu}{f' at {ref}' if ref else ''} on {', '.join(archs)}")
+            record = probe(inventory, qemu, ",".join(archs), ledger, broker=broker, qemu_ref=ref,
                            progress=lambda job, message: say(f"{job}: {message}"))
-            entry = {"run": record.id, "qemu": qemu, "jobs": [
+            entry = {"run": record.id, "qemu": qemu, "ref": ref, "jobs": [
                 {"arch": j.arch, "status": j.status, "verdict": j.verdict, "host": j.host, "reasons": j.reasons}
                 for j in record.jobs]}
             if publish:
@@ -338,13 +387,15 @@ def next_time(expression: str, now: datetime.datetime | None = None) -> datetime
 def render(result: Pass) -> str:
     lines = [f"QEMU {result.discovery.url}: {len(result.discovery.tags)} release tag(s)"]
     for item in result.items:
-        lines.append(f"  {item.tag:<14} {item.arch:<10} {'PROBE' if item.action == 'probe' else 'skip ':5} {item.why}")
+        label = f"{item.tag} {item.qemu}" if item.ref else item.tag
+        lines.append(f"  {label:<14} {item.arch:<10} {'PROBE' if item.action == 'probe' else 'skip ':5} {item.why}")
     if not result.plan:
         lines.append("nothing to probe")
     elif result.dry_run:
         lines.append(f"dry run: would probe {len(result.plan)} job(s)")
     for r in result.runs:
-        lines.append(f"run {r['run']}: QEMU {r['qemu']}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
+        at = f" at {r['ref'][:12]}" if r.get("ref") else ""
+        lines.append(f"run {r['run']}: QEMU {r['qemu']}{at}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
         if r.get("publication"):
             p = r["publication"]
             lines.append(f"  publish: {p.get('message') or p.get('error')}")

@@ -1,4 +1,5 @@
-"""A run: one QEMU release probed for a set of arches (and a variant), as jobs."""
+"""A run: one QEMU release probed for a set of arches (and a variant), as jobs; with a git ref, QEMU
+is built at that ref (on hosts that build QEMU from git) and its dumps are filed under the release."""
 
 from __future__ import annotations
 
@@ -8,25 +9,37 @@ from farm.caps.arch import Architecture
 from farm.caps.names import parse_variant
 from farm.caps.version import QemuVersion
 from farm.errors import UsageError
+from farm.inventory import git_ref_problem
 from farm.jobs import PROBE_TIMEOUT, Job
 from farm.ledger import JobRecord, Ledger, RunRecord
 
 
 def plan(
-    inventory, arch_spec: str, variant: str | None, only: list[str] | None = None
+    inventory, arch_spec: str, variant: str | None, only: list[str] | None = None, qemu_ref: str | None = None
 ) -> list[tuple[Architecture, list]]:
-    """(arch, candidate hosts) per job; ``all`` is every arch of the inventory (of the ``only`` hosts)."""
+    """(arch, candidate hosts) per job; ``all`` is every arch of the inventory (of the ``only`` hosts).
+    With ``qemu_ref`` only hosts that build QEMU from git are candidates."""
     variant = parse_variant(variant)
     chosen = [inventory.host(name) for name in only] if only else inventory.hosts
     archs = Architecture.parse_list(arch_spec, list(dict.fromkeys(h.arch for h in chosen)))
     work = []
     for arch in archs:
-        hosts = [h for h in inventory.hosts_for(arch, variant) if h in chosen]
-        if not hosts:
-            what = arch.value + (f"+{variant}" if variant else "")
+        what = arch.value + (f"+{variant}" if variant else "")
+        producers = [h for h in inventory.hosts_for(arch, variant) if h in chosen]
+        if not producers:
             raise UsageError(f"{inventory.source}: no host can probe {what} (hosts: {', '.join(h.name for h in inventory.hosts)})")
+        hosts = _builders(producers, qemu_ref)
+        if not hosts:
+            raise UsageError(f"{inventory.source}: no host of {what} builds QEMU from git (toolchain.qemu "
+                             f"git:URL@REF), needed for --ref {qemu_ref}: "
+                             + ", ".join(f"{h.name} has qemu {h.toolchain.qemu}" for h in producers))
         work.append((arch, hosts))
     return work
+
+
+def _builders(hosts: list, qemu_ref: str | None) -> list:
+    """The hosts that can build the QEMU of a job: any for a release, those building from git for a ref."""
+    return [h for h in hosts if qemu_ref is None or h.toolchain.qemu_from_git]
 
 
 def probe(
@@ -40,17 +53,22 @@ def probe(
     progress: Callable[[str, str], None] | None = None,
     on_start: Callable[[int, list[Job]], None] | None = None,
     only: list[str] | None = None,
+    qemu_ref: str | None = None,
 ) -> RunRecord:
     """Plan, record and run the jobs of a run: embedded (threads) or, with a broker, on Celery workers.
 
-    ``only`` restricts the run to those hosts (distributed: their own queues).
+    ``only`` restricts the run to those hosts (distributed: their own queues). ``qemu_ref``: a git
+    ref or commit of QEMU to build instead of the tag vQEMU (the dumps are filed under ``qemu``).
     """
     version = str(QemuVersion.parse(qemu))
-    work = plan(inventory, arch_spec, variant, only)
+    if qemu_ref is not None and (problem := git_ref_problem(qemu_ref)):
+        raise UsageError(f"bad QEMU git ref {qemu_ref!r} (--ref): {problem}")
+    work = plan(inventory, arch_spec, variant, only, qemu_ref)
     mode = "distributed" if broker else "embedded"
-    run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout)
+    run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout, qemu_ref)
     jobs = [
-        (Job(run, version, arch.value, variant, timeout, targeted=bool(only)), _healthy(ledger, hosts))
+        (Job(run, version, arch.value, variant, timeout, targeted=bool(only), qemu_ref=qemu_ref),
+         _healthy(ledger, hosts))
         for arch, hosts in work
     ]
     for job, _ in jobs:
@@ -81,8 +99,9 @@ def resume(
     for j in record.jobs:
         if j.final:
             continue
-        hosts = inventory.hosts_for(Architecture.parse(j.arch), j.variant)
-        jobs.append((Job(run, record.qemu, j.arch, j.variant, timeout), _healthy(ledger, hosts)))
+        hosts = _builders(inventory.hosts_for(Architecture.parse(j.arch), j.variant), record.qemu_ref)
+        jobs.append((Job(run, record.qemu, j.arch, j.variant, timeout, qemu_ref=record.qemu_ref),
+                     _healthy(ledger, hosts)))
     if on_start:
         on_start(run, [job for job, _ in jobs])
     ledger.reopen_run(run)

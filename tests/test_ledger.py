@@ -75,3 +75,20 @@ def test_concurrent_writers(tmp_path):
 def test_unknown_run_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no run 42"):
         Ledger(tmp_path).run(42)
+
+
+def test_a_ledger_from_before_qemu_refs_gets_the_column(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    old = sqlite3.connect(state / "ledger.sqlite")
+    old.execute("CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, qemu TEXT NOT NULL, archs TEXT NOT NULL, "
+                "variant TEXT, inventory TEXT, mode TEXT NOT NULL DEFAULT 'embedded', timeout REAL, "
+                "status TEXT NOT NULL DEFAULT 'running', created REAL NOT NULL, finished REAL)")
+    old.execute("INSERT INTO runs (qemu, archs, created) VALUES ('9.1.0', '[\"x86_64\"]', 1)")
+    old.commit()
+    old.close()
+    ledger = Ledger(state)
+    assert ledger.run(1).qemu_ref is None
+    run = ledger.new_run("10.0.0", ["x86_64"], None, None, "embedded", 600, "0123abcd" * 5)
+    assert ledger.run(run).qemu_ref == "0123abcd" * 5
+    assert ledger.run(run).to_json()["qemu_ref"] == "0123abcd" * 5

@@ -45,5 +45,11 @@ class QemuVersion:
             return (QemuVersion(self.major, self.minor, 0),)
         return (QemuVersion(self.major, self.minor + 1, 0), QemuVersion(self.major + 1, 0, 0))
 
+    def next_release(self) -> QemuVersion:
+        """The release after this one's line: after X.2 comes (X+1).0 (QEMU since 4.0), else X.(Y+1).0."""
+        if self.minor >= 2:
+            return QemuVersion(self.major + 1, 0, 0)
+        return QemuVersion(self.major, self.minor + 1, 0)
+
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.micro}"

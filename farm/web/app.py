@@ -157,7 +157,8 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
 
 
 def rerun(ledger: Ledger, inventory, record, job, wait: float = 30.0) -> dict:
-    """Start a new run of ``job``'s release and arch in a thread; {"run", "job"} once it is planned."""
+    """Start a new run of ``job``'s release (at the run's QEMU git ref, if any) and arch in a thread;
+    {"run", "job"} once it is planned."""
     from farm.config import settings
     from farm.jobs import PROBE_TIMEOUT
     from farm.run import probe
@@ -172,7 +173,7 @@ def rerun(ledger: Ledger, inventory, record, job, wait: float = 30.0) -> dict:
     def work() -> None:
         try:
             probe(inventory, record.qemu, job.arch, ledger, job.variant, record.timeout or PROBE_TIMEOUT,
-                  broker=settings().broker, on_start=on_start)
+                  broker=settings().broker, on_start=on_start, qemu_ref=record.qemu_ref)
         except Exception as e:  # reported to the caller while it waits; logged otherwise
             answer.setdefault("error", str(e))
             planned.set()
