@@ -73,6 +73,12 @@ class Tag:
     rc: int | None = None
     commit: str | None = None  # the head: the commit its results must have been built from
 
+    @property
+    def ref(self) -> str | None:
+        """What a host must build QEMU at: the head's commit, an rc's tag; None for a release
+        (built from its tag vX.Y.Z, or a host's installed QEMU of that release)."""
+        return self.commit or (self.name if self.rc is not None else None)
+
     def to_json(self) -> dict:
         return {"tag": self.name, "version": str(self.version), "rc": self.rc}
 
@@ -125,7 +131,7 @@ class Item:
     arch: str
     action: str  # probe | skip
     why: str  # missing | stale: ... | covered | tried: STATUS | in tree | head: no host ...
-    ref: str | None = None  # the head: the commit to build QEMU at
+    ref: str | None = None  # the head's commit or an rc's tag: what to build QEMU at
 
     def to_json(self) -> dict:
         return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "action": self.action,
@@ -275,9 +281,10 @@ def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, 
     for tag in discovery.candidates(minimum) + ([head] if head else []):
         qemu = str(tag.version)
         for arch in archs:
-            if tag.commit and arch not in git_archs:
-                items.append(Item(qemu, tag.name, arch, "skip", f"head: no host of {arch} builds QEMU from git",
-                                  tag.commit))
+            if tag.ref and arch not in git_archs:
+                what = "head" if tag.commit else tag.name
+                items.append(Item(qemu, tag.name, arch, "skip", f"{what}: no host of {arch} builds QEMU from git",
+                                  tag.ref))
                 continue
             jobs = results.get((qemu, arch), [])
             answers = [j for j in jobs if j.status in TRIED]
@@ -292,7 +299,7 @@ def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, 
                 action, why = "skip", "in tree"
             else:
                 action, why = "probe", "missing" if not jobs else f"missing (last: {jobs[0].status}, run {jobs[0].run})"
-            items.append(Item(qemu, tag.name, arch, action, why, tag.commit))
+            items.append(Item(qemu, tag.name, arch, action, why, tag.ref))
     return items
 
 

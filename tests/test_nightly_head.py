@@ -255,3 +255,25 @@ def test_release_candidates_and_releases_supersede_head_results():
     assert not _of_candidate(result, Tag("HEAD", QemuVersion(8, 0), commit="b" * 40))  # the head moved
     assert not _of_candidate(result, Tag("v8.0.0-rc0", QemuVersion(8, 0), 0))
     assert not _of_candidate(result, Tag("v8.0.0", QemuVersion(8, 0)))
+
+
+def test_a_release_candidate_is_built_at_its_tag_on_hosts_that_build_qemu_from_git(qemu_farm):
+    """In freeze (v8.0.0-rc0 tagged, no v8.0.0): the rc is probed as 8.0.0 built at its own tag
+    (the tag v8.0.0 does not exist yet); hosts with an installed QEMU cannot build it."""
+    git(qemu_farm.repo, "tag", "-a", "-m", "rc0", "v8.0.0-rc0")
+    code, out, err = farm(qemu_farm.with_system_qemu(), "nightly", "--once", "--json")
+    assert code == 0, err
+    assert [(i["tag"], i["action"], i["why"]) for i in out["skipped"] if i["tag"] == "v8.0.0-rc0"] == [
+        ("v8.0.0-rc0", "skip", "v8.0.0-rc0: no host of x86_64 builds QEMU from git")]
+    assert out["runs"] == []
+
+    code, out, err = farm(qemu_farm.env, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert [(i["qemu"], i["tag"], i["ref"], i["why"]) for i in out["plan"]] == [
+        ("8.0.0", "v8.0.0-rc0", "v8.0.0-rc0", "missing")]
+    assert any("in freeze, covered by v8.0.0-rc0" in note for note in out["notes"])
+    (run,) = out["runs"]
+    assert (run["qemu"], run["ref"]) == ("8.0.0", "v8.0.0-rc0")
+    (job,) = farm(qemu_farm.env, "runs", "show", str(run["run"]), "--json")[1]["jobs"]
+    assert job["status"] == "ok", job
+    assert provenance(job["artifact"])["qemu"]["commit"] == qemu_farm.head  # the rc0 tag's commit
