@@ -421,8 +421,9 @@ def qemu_version(path: str, cache: Optional[str] = None) -> Dict:
     return info
 
 
-def qemu_candidates(cache: str) -> List[Tuple[str, str]]:
-    """(path, arch) of qemu-system-ARCH binaries on PATH and in the cache, plus qemu-kvm."""
+def qemu_candidates(cache: str, targets: Optional[List[str]] = None) -> List[Tuple[str, str]]:
+    """(path, arch) of qemu-system-ARCH binaries on PATH and in the cache, plus qemu-kvm;
+    with targets only those (looked up by name: no listing of /usr/bin)."""
     dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
     qemu_area = os.path.join(cache, "qemu")
     if os.path.isdir(qemu_area):
@@ -431,10 +432,13 @@ def qemu_candidates(cache: str) -> List[Tuple[str, str]]:
     found = []  # type: List[Tuple[str, str]]
     seen = set()
     for directory in dirs:
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            continue
+        if targets:
+            names = ["qemu-system-" + t for t in targets]
+        else:
+            try:
+                names = sorted(os.listdir(directory))
+            except OSError:
+                continue
         for name in names:
             arch = name[len("qemu-system-"):]
             # skip wrappers such as qemu-system-x86_64-microvm: their suffix is no arch
@@ -445,7 +449,7 @@ def qemu_candidates(cache: str) -> List[Tuple[str, str]]:
             if identity not in seen and is_executable_file(path):
                 seen.add(identity)
                 found.append((path, arch))
-    if is_executable_file("/usr/libexec/qemu-kvm"):  # RHEL and friends
+    if is_executable_file("/usr/libexec/qemu-kvm") and (not targets or os.uname().machine in targets):  # RHEL
         found.append(("/usr/libexec/qemu-kvm", os.uname().machine))
     return found
 
@@ -491,10 +495,7 @@ def cmd_facts(args: argparse.Namespace) -> Dict:
     cache = resolve_cache(args.cache)
     uname = os.uname()
     qemus = []
-    targets = set(args.target or [])
-    for path, arch in qemu_candidates(cache):
-        if targets and arch not in targets:
-            continue
+    for path, arch in qemu_candidates(cache, args.target):
         item = {"path": path, "arch": arch}
         item.update(qemu_version(path, cache))
         qemus.append(item)
@@ -870,13 +871,17 @@ def cmd_toolchain(args: argparse.Namespace) -> Dict:
 
 # --------------------------------------------------------------------------- probe
 
+SUBREAPER = [False]  # are we the subreaper of what we start (set_child_subreaper)
+
+
 def set_child_subreaper() -> bool:
     """Make orphaned descendants (e.g. a daemonized QEMU) our children (Linux >= 3.4)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        SUBREAPER[0] = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
-        return False
+        SUBREAPER[0] = False
+    return SUBREAPER[0]
 
 
 def proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
@@ -888,16 +893,49 @@ def proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
     return fields[0], int(fields[1]), int(fields[2])
 
 
+def descendants() -> Optional[List[int]]:
+    """Our descendants (zombies too), from /proc/PID/task/TID/children; None when the kernel
+    does not list children (CONFIG_PROC_CHILDREN)."""
+    found = []  # type: List[int]
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            continue
+        for tid in tids:
+            text = read_text("/proc/%d/task/%s/children" % (pid, tid))
+            if text is None:
+                if pid == os.getpid():
+                    return None
+                continue
+            children = [int(child) for child in text.split()]
+            found += children
+            todo += children
+    return found
+
+
+def candidate_pids() -> List[int]:
+    """Where the probe's processes can be: our descendants when we are their subreaper (a
+    daemonized QEMU is adopted by us, not by init), else every process of the host."""
+    if SUBREAPER[0]:
+        pids = descendants()
+        if pids is not None:
+            return pids
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
 def related_pids(pgid: int) -> List[int]:
     """Live (non-zombie) processes in process group pgid or reparented to us."""
     me = os.getpid()
     found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+    for pid in candidate_pids():
+        if pid == me:
             continue
-        stat = proc_stat(int(name))
+        stat = proc_stat(pid)
         if stat and stat[0] != "Z" and (stat[2] == pgid or stat[1] == me):
-            found.append(int(name))
+            found.append(pid)
     return sorted(found)
 
 
@@ -907,12 +945,12 @@ def reap_adopted(exclude: int = 0) -> None:
     The excluded pid is the Popen child, whose status Popen itself collects.
     """
     me = os.getpid()
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != exclude:
-            stat = proc_stat(int(name))
+    for pid in candidate_pids():
+        if pid != exclude:
+            stat = proc_stat(pid)
             if stat and stat[0] == "Z" and stat[1] == me:
                 with contextlib.suppress(ChildProcessError):
-                    os.waitpid(int(name), os.WNOHANG)
+                    os.waitpid(pid, os.WNOHANG)
 
 
 def wait_reaping(proc: "subprocess.Popen", deadline: float) -> Optional[int]:
@@ -1235,6 +1273,7 @@ def serve() -> int:
         else:
             start(request_id, [str(a) for a in message["argv"]])
 
+    parser()  # built here once, not in every request
     send({"serve": AGENT_VERSION, "pid": os.getpid()})
     pending = b""
     stdin_open = True
@@ -1366,6 +1405,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PARSER = []  # type: List[argparse.ArgumentParser]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line interface, built once (serve's forked requests inherit it)."""
+    if not _PARSER:
+        _PARSER.append(build_parser())
+    return _PARSER[0]
+
+
 def emit(obj: Dict) -> None:
     """Print the one JSON object of this run on stdout."""
     sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -1377,7 +1426,7 @@ COMMANDS = {"facts": cmd_facts, "toolchain": cmd_toolchain, "probe": cmd_probe, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse, run one subcommand, print its JSON; return the exit code."""
-    args = build_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "serve":
         return serve()
     try:

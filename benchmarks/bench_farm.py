@@ -18,8 +18,8 @@ jobs.
 
 Reported per N: jobs/s, the ratio to linear (N hosts x 1/DELAY jobs/s: every host busy with
 nothing but the stand-in), per-job overhead = (finished - started) of the job record minus
-DELAY (p50, p95; the record spans facts, toolchain, probe, download and judging on the host's
-slot), the coordinator-side keep() (artifact + ledger, after the record's end), how the
+DELAY (p50, p95; the record spans facts, toolchain, probe, the reply with the dump, and judging,
+the last after the host's slot is given back), the coordinator-side keep() (artifact + ledger, after the record's end), how the
 overhead splits into its steps (medians), and the coordinator's peak RSS.
 Goals: overhead p50 <= 0.3 s; throughput at 32 hosts >= 0.8x linear.
 
@@ -95,17 +95,43 @@ def _machine_cpu() -> float:
 
 
 def _self_cpu() -> float:
+    """CPU seconds of the coordinator: its own and its descendants' (the judging processes)."""
     times = os.times()
-    return times.user + times.system
+    helpers = sum(_cpu_ticks(pid) for pid in _descendants(os.getpid())) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system + times.children_user + times.children_system + helpers
 
 
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+def _reset_peak(pid: int | str = "self") -> bool:
+    """Reset a process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of a process (here: the judging processes and their fork server)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _peak_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 class Steps:
@@ -145,50 +171,25 @@ class Steps:
 
         setattr(owner, attribute, wrapper)
 
-    def wrap_cm(self, owner, attribute: str, step: str) -> None:
-        """Time a context manager's enter and exit (not its body) as ``step``."""
-        original = getattr(owner, attribute)
-        steps = self
-
-        @contextmanager
-        def wrapper(*args, **kwargs):
-            manager = original(*args, **kwargs)
-            with steps.timed(step):
-                value = manager.__enter__()
-            try:
-                yield value
-            except BaseException:
-                with steps.timed(step):
-                    if not manager.__exit__(*sys.exc_info()):
-                        raise
-            else:
-                with steps.timed(step):
-                    manager.__exit__(None, None, None)
-
-        setattr(owner, attribute, wrapper)
-
 
 def _instrument(steps: Steps) -> None:
     """Time the steps of a job (wrappers only: the farm code runs unchanged)."""
     from farm import jobs
     from farm.dispatch import embedded
     from farm.hosts.agent import Agent
-    from farm.hosts.ssh import SSHTransport
 
     run_job = jobs.run_job
 
-    def timed_run_job(job, host, progress=None):
+    def timed_run_job(job, host, progress=None, judges=None, host_done=None):
         steps.begin()
         with steps.timed("run_job"):
-            return run_job(job, host, progress)
+            return run_job(job, host, progress, judges, host_done)
 
     jobs.run_job = timed_run_job
     steps.wrap(embedded, "keep", "keep")
     steps.wrap(jobs, "Agent", "agent()")  # install check (cached per transport after the warm-up)
     steps.wrap(Agent, "call", lambda self, *args, **kw: f"agent {args[0]}" + (f" {args[1]}" if args[0] == "toolchain" else ""))
-    steps.wrap_cm(SSHTransport, "scratch", "scratch (mktemp, rm)")
-    steps.wrap(SSHTransport, "get", "get (sftp)")
-    steps.wrap(jobs, "_judge", "judge")
+    steps.wrap(jobs.Judges, "__call__", "judge")  # parsing and inspecting (in a judging process or not)
 
 
 def child(args: argparse.Namespace) -> int:
@@ -223,6 +224,8 @@ def child(args: argparse.Namespace) -> int:
     _instrument(steps)
     items = work(max(args.rounds * len(hosts), args.min_jobs), pinned=False)
     reset = _reset_peak()
+    for pid in _descendants(os.getpid()):
+        _reset_peak(pid)
     rss_before = _status_kib("VmRSS")
     namespaces = args.namespaces.split(",")[: len(hosts)]
     cpu_hosts, cpu_machine, cpu_self = _namespace_cpu(namespaces), _machine_cpu(), _self_cpu()
@@ -233,6 +236,8 @@ def child(args: argparse.Namespace) -> int:
     cpu_machine = _machine_cpu() - cpu_machine
     cpu_hosts = _namespace_cpu(namespaces) - cpu_hosts
     peak = _status_kib("VmHWM") if reset else None
+    helpers = _descendants(os.getpid())
+    helpers_peak = sum(_peak_kib(pid) for pid in helpers)
     if peak is None:  # no VmHWM reset here: the whole child's peak
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
@@ -248,6 +253,7 @@ def child(args: argparse.Namespace) -> int:
         "wall": wall,
         "warmup": warmup,
         "seconds": [r.finished - r.started for r in records if r.started and r.finished],
+        "probe_seconds": [((r.provenance or {}).get("probe") or {}).get("seconds") or 0.0 for r in records],
         "steps": {s: [job.get(s, 0.0) for job in steps.jobs] for s in step_names},
         "per_host": sorted(per_host.values()),
         "cpu_self": cpu_self,
@@ -256,6 +262,8 @@ def child(args: argparse.Namespace) -> int:
         "rss_start_kib": rss_start,
         "rss_before_kib": rss_before,
         "peak_kib": peak,
+        "helpers": len(helpers),
+        "helpers_peak_kib": helpers_peak,
         "peak_reset": reset,
     }))
     return 0
@@ -364,11 +372,15 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
         if r["failed"]:
             print(f"      {len(r['failed'])} jobs not ok, e.g. {r['failed'][0]}")
     print("  overhead = job record (finished - started) - stand-in delay; keep = artifact + ledger after it;")
+    print("  judging processes (N > 2: the coordinator's dumps are judged in them, and their fork server): "
+          + ", ".join(f"N={r['n']}: {r['helpers']} using {r['helpers_peak_kib'] / 1024:.0f} MiB peak"
+                      for r in results) + " (VmHWM summed; shared pages count in each)")
     print("  peak RSS = the coordinator's VmHWM during the measured jobs"
           + ("" if all(r["peak_reset"] for r in results) else " (* whole process: no reset)")
           + "; RSS before them: " + ", ".join(f"{r['rss_before_kib'] / 1024:.0f}" for r in results) + " MiB")
     print()
     print("CPU (all cores; 'others' = what else ran on this machine meanwhile):")
+    print("  coord = the coordinator process and its judging processes; hosts = everything in the namespaces")
     print(f"  {'hosts':>5} {'coord s/job':>11} {'hosts s/job':>11} {'machine cores':>13} {'ours':>6} {'others':>6} "
           f"{'cores for linear':>16} {'CPU ceiling':>11}")
     cores = os.cpu_count() or 1
@@ -397,6 +409,13 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
             cells.append(f"{percentile(values, .5):>{max(9, len(s))}.3f}")
         print(f"  {r['n']:>5} " + " ".join(cells))
     print("  (agent probe: minus the stand-in delay)")
+    print()
+    print("where the overhead is (p50, s): the probe as the agent timed it on the host, minus the delay"
+          " (the stand-in's start, its sleep running late), and the rest (the job's way there and back)")
+    for r in results:
+        probe = [p - args.delay for p in r["probe_seconds"]]
+        rest = [s - p for s, p in zip(r["seconds"], r["probe_seconds"])]
+        print(f"  {r['n']:>5} hosts: probe {percentile(probe, .5):.3f}, rest {percentile(rest, .5):.3f}")
     print()
     p50s = {r["n"]: percentile([s - args.delay for s in r["seconds"]], .5) for r in results}
     met = [n for n, p in p50s.items() if p <= OVERHEAD_GOAL]

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import multiprocessing
 import os
 import platform
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from farm import __version__
 from farm.caps import dump
 from farm.caps.arch import Architecture
-from farm.caps.inspect import Verdict, inspect
+from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName
 from farm.caps.version import QemuVersion
 from farm.hosts import HostError, transport_for
@@ -106,18 +109,26 @@ class HostSlots:
 
     def __init__(self, hosts: list):
         self._free = {h.name: h.max_jobs for h in hosts}
+        self._size = dict(self._free)
         self._changed = threading.Condition()
+
+    @property
+    def size(self) -> int:
+        """How many jobs may run at once on all hosts (the slots, free or taken)."""
+        return sum(self._size.values())
 
     def add(self, hosts: list) -> None:
         with self._changed:
             for h in hosts:
                 self._free.setdefault(h.name, h.max_jobs)
+                self._size.setdefault(h.name, h.max_jobs)
 
     @contextlib.contextmanager
-    def take(self, hosts: list) -> Iterator:
-        """A host of ``hosts`` with its slot held (None if ``hosts`` is empty)."""
+    def take(self, hosts: list) -> Iterator[tuple]:
+        """(a host of ``hosts`` with its slot held, a function giving the slot back early);
+        (None, ...) if ``hosts`` is empty. The slot is given back at the latest at the end."""
         if not hosts:
-            yield None
+            yield None, lambda: None
             return
         with self._changed:
             while True:
@@ -127,21 +138,28 @@ class HostSlots:
                     self._free[host.name] -= 1
                     break
                 self._changed.wait()
-        try:
-            yield host
-        finally:
+        held = [True]
+
+        def release() -> None:
             with self._changed:
-                self._free[host.name] += 1
-                self._changed.notify_all()
+                if held[0]:
+                    held[0] = False
+                    self._free[host.name] += 1
+                    self._changed.notify_all()
+
+        try:
+            yield host, release
+        finally:
+            release()
 
 
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
-            slots: HostSlots | None = None, on_start: Callable | None = None) -> Outcome:
+            slots: HostSlots | None = None, on_start: Callable | None = None, judges: Judges | None = None) -> Outcome:
     """Run a job on a host that can do it, trying another host of the same arch
     after an infrastructure failure, each host once.
 
     ``slots`` (shared by the jobs of a dispatcher) decides which host and when;
-    ``on_start(job, host)`` is told when an attempt starts.
+    ``on_start(job, host)`` is told when an attempt starts; ``judges`` assess the dumps.
     """
     say = progress or (lambda message: None)
     slots = slots or HostSlots(hosts)
@@ -153,12 +171,12 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
     tried: list[str] = []
     attempts: list[tuple[str, str, str]] = []
     while True:
-        with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts}]) as host:
+        with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts}]) as (host, release):
             if host is None:
                 break
             if on_start:
                 on_start(job, host)
-            outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"))
+            outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"), judges, host_done=release)
         r = outcome.record
         attempts.append((host.name, r.status, r.reasons[0] if r.reasons else ""))
         tried.append(f"{host.name}: {'; '.join(r.reasons)}")
@@ -185,8 +203,11 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
     return ledger.finish_job(r)
 
 
-def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Outcome:
-    """Probe ``job`` on ``host`` once and return how it ended (nothing recorded)."""
+def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judges: Judges | None = None,
+            host_done: Callable[[], None] | None = None) -> Outcome:
+    """Probe ``job`` on ``host`` once and return how it ended (nothing recorded). The dump is
+    assessed by ``judges`` (default: in this thread) after ``host_done()`` said that the host's
+    part is over (its slot can take the next job meanwhile)."""
     record = JobRecord(job.id, job.run, job.arch, job.variant, host.name, started=time.time())
 
     def say(message: str) -> None:
@@ -200,10 +221,14 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
         qemu_args = _qemu_args(host, job)
         agent = Agent(transport_for(host), host, say)
         say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
-        reply = agent.job(
-            host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, job.probe_timeout,
-            expect_arch=None if host.transport == "local" else host.arch.value, **qemu_args,
-        )
+        try:
+            reply = agent.job(
+                host.toolchain.libvirt, Architecture.parse(job.arch).qemu_target, job.probe_timeout,
+                expect_arch=None if host.transport == "local" else host.arch.value, **qemu_args,
+            )
+        finally:
+            if host_done:
+                host_done()
         if reply.get("facts"):
             provenance["host"]["facts"] = reply["facts"]
             check_host(host, reply["facts"])
@@ -229,7 +254,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None) -> Ou
         outcome.dump = reply.get("dump")
         if outcome.dump is None:
             raise _Ended("failed", "the agent's reply has no dump")
-        outcome.name = str(_judge(job, record, outcome.dump, reply["facts"], provenance))
+        outcome.name = str(_judge(job, record, (judges or assess)(job, outcome.dump), reply["facts"], provenance))
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except HostError as e:
@@ -272,17 +297,83 @@ def _qemu_origin(host, job: Job) -> str:
     return "system" if host.toolchain.qemu_source.kind == "system" else _qemu_spec(host, job)
 
 
-def _judge(job: Job, record: JobRecord, text: str, facts: dict, provenance: dict) -> DumpName:
-    """Set the job's status, verdict and reasons; return the name the dump is stored under."""
+@dataclass
+class Assessment:
+    """What a dump is, as the job's: the name it is stored under, its inspection, and why its
+    QEMU is not the one asked for (None: it is)."""
+
+    name: DumpName
+    inspection: Inspection
+    wrong_version: str | None = None
+
+
+def assess(job: Job, text: str) -> Assessment:
+    """Parse and inspect a job's dump (pure: runs in a judging process as well)."""
     d = dump.parse(text, str(job.name))
-    name = job.name
-    inspection = inspect(d, name)
+    inspection = inspect(d, job.name)
     version = inspection.facts.qemu_version
     if version is not None and not job.wants(version):
-        name = DumpName(version.release_names()[0], name.arch, name.variant)
-        inspection = inspect(d, name)
+        name = DumpName(version.release_names()[0], job.name.arch, job.name.variant)
+        return Assessment(name, inspect(d, name), f"asked for QEMU {job.qemu}, the binary is QEMU {version}")
+    return Assessment(job.name, inspection)
+
+
+_shared: dict[int, Judges] = {}
+_shared_lock = threading.Lock()
+
+
+class Judges:
+    """Where a process assesses its jobs' dumps: in the job's thread, or in ``processes`` worker
+    processes. Parsing a dump is pure CPU under Python's GIL (15-20 ms for an x86_64 dump); a
+    process running many jobs at once would keep its threads that talk to hosts waiting on it,
+    so a dispatcher with more than a couple of job slots judges in processes (forked from a
+    clean server process, not from this threaded one; started when first needed)."""
+
+    def __init__(self, processes: int = 0):
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_slots(cls, slots: int) -> Judges:
+        """The judges of a dispatcher with ``slots`` job slots: in its threads for up to two,
+        else this process's judging processes (kept for its life: started once, warm)."""
+        processes = min(os.cpu_count() or 1, 4) if slots > 2 else 0
+        if not processes:
+            return cls()
+        with _shared_lock:
+            return _shared.setdefault(processes, cls(processes))
+
+    def __call__(self, job: Job, text: str) -> Assessment:
+        if not self.processes:
+            return assess(job, text)
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["farm.jobs"])
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+            pool = self._pool
+        try:
+            return pool.submit(assess, job, text).result()
+        except BrokenProcessPool:  # a judging process died (killed, out of memory): new ones next time
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            return assess(job, text)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+
+def _judge(job: Job, record: JobRecord, assessment: Assessment, facts: dict, provenance: dict) -> DumpName:
+    """Set the job's status, verdict and reasons; return the name the dump is stored under."""
+    inspection = assessment.inspection
+    if assessment.wrong_version:
         record.status = "wrong-version"
-        record.reasons = [f"asked for QEMU {job.qemu}, the binary is QEMU {version}"] + inspection.reasons
+        record.reasons = [assessment.wrong_version] + inspection.reasons
     elif inspection.verdict is Verdict.invalid:
         record.status, record.reasons = "invalid", inspection.reasons
     elif inspection.verdict is Verdict.fake and inspection.expects_real:
@@ -292,6 +383,7 @@ def _judge(job: Job, record: JobRecord, text: str, facts: dict, provenance: dict
     kvm = facts.get("kvm") or {}
     if not kvm.get("usable"):
         record.reasons.append(f"host has no usable /dev/kvm: {kvm.get('error') or 'not present'}")
+    name = assessment.name
     record.verdict = inspection.verdict.value
     record.warnings = inspection.warnings
     provenance["verdict"] = {

@@ -26,7 +26,7 @@ from celery import Celery
 from farm.caps.arch import Architecture
 from farm.config import settings
 from farm.errors import FarmError
-from farm.jobs import RETRYABLE, HostSlots, Job, Outcome, execute, keep
+from farm.jobs import RETRYABLE, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 TASK = "farm.probe"
@@ -46,6 +46,7 @@ BROKER_ERRORS = (
 # The hosts this worker process serves, and their job slots (max_jobs each).
 _served: dict[str, object] = {}
 _slots = HostSlots([])
+_judges: list = [None]  # Judges for the slots, set when the worker starts
 _inventory: list = [None]  # the worker's inventory (the nightly task plans over it)
 
 
@@ -126,6 +127,7 @@ def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coor
     for host in hosts:
         _served[host.name] = host
     _slots.add(hosts)
+    _judges[0] = Judges.for_slots(_slots.size)
     _inventory[0] = inventory
     queues = {COORDINATOR_QUEUE} if coordinator else set()
     for host in hosts:
@@ -152,7 +154,7 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
     def say(message: str) -> None:
         task.update_state(state="PROGRESS", meta={"message": message, "worker": task.request.hostname})
 
-    outcome = execute(job, candidates, say, _slots)
+    outcome = execute(job, candidates, say, _slots, judges=_judges[0])
     if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)

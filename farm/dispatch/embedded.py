@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from farm.jobs import HostSlots, Job, execute, keep
+from farm.jobs import HostSlots, Job, Judges, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 
@@ -18,13 +18,14 @@ def dispatch(
 ) -> list[JobRecord]:
     """Run each (job, candidate hosts) pair; return the records in the same order."""
     slots = HostSlots([h for _, hosts in work for h in hosts])
+    judges = Judges.for_slots(min(slots.size, len(work)))
 
     def started(job: Job, host) -> None:
         ledger.start_job(job.id, host.name)
 
     def one(job: Job, hosts: list) -> JobRecord:
         say = (lambda m: progress(job.id, m)) if progress else None
-        return keep(ledger, execute(job, hosts, say, slots, started))
+        return keep(ledger, execute(job, hosts, say, slots, started, judges))
 
     if not work:
         return []

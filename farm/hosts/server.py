@@ -45,7 +45,7 @@ class AgentServer:
         self._said: deque[str] = deque(maxlen=5)  # the server's own words (not JSON), for errors
         self.dead: str | None = None
         self._channel.settimeout(START_TIMEOUT)
-        self._lines = self._channel.makefile("rb")
+        self._lines = self._read_lines()
         greeting = self._greeting()
         self.pid = greeting.get("pid")
         self._channel.settimeout(None)
@@ -67,6 +67,27 @@ class AgentServer:
         self.close()
         raise HostError(f"host {self.name!r}: the agent server did not start: "
                         f"{' | '.join(self._said) or 'it exited without a word'}")
+
+    def _read_lines(self):
+        """The channel's output, line by line (paramiko's readline rescans long lines)."""
+        buffer = bytearray()
+        while True:
+            chunk = self._channel.recv(1 << 18)
+            if not chunk:
+                if buffer:
+                    yield bytes(buffer)
+                return
+            start = len(buffer)
+            buffer += chunk
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                continue
+            begin = 0
+            while end >= 0:
+                yield bytes(buffer[begin:end + 1])
+                begin = end + 1
+                end = buffer.find(b"\n", begin)
+            del buffer[:begin]
 
     def _read(self) -> None:
         try:
