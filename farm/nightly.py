@@ -12,19 +12,20 @@ One pass (``farm nightly --once``):
    tags is released (``vX.Y.0`` is tagged, not just its rcs), the head is the development of the
    next release NEXT (QEMU's convention: after X.2 comes (X+1).0, else X.(Y+1).0) and is one more
    candidate, ``HEAD``: release NEXT built at the head's commit (pinned at discovery, so every arch
-   builds the same commit; a development QEMU X.Y.50 is filed under NEXT), for the arches that have
-   a host building QEMU from git (``toolchain.qemu`` ``git:URL@REF``; other arches: skipped, with
-   why). If the newest line is still in release candidates, the head is that release in freeze,
-   covered by its newest rc: noted, not planned.
-2. plan, for each candidate x each arch of the inventory (no variants), from the ledger's final jobs
-   of that release and arch (any run):
-   - a result is *current* when it was made with the hosts' current libvirt probe (provenance
-     ``libvirt.source`` equal to the toolchain's ``libvirt``, and ``libvirt.commit`` equal to the
-     toolchain's commit when that is known: a ``git:URL@REF`` toolchain is resolved with
-     ``git ls-remote``) and with QEMU of the current candidate (a result of a release candidate
-     is not current once the release or a later candidate is tagged, a result of the development
-     head once an rc or the release is tagged; a head result is current while its QEMU commit is
-     the head's: a head that moved makes it stale);
+   builds the same commit; a development QEMU X.Y.50 is filed under NEXT), for the arches (and
+   variants) that have a host building QEMU from git (``toolchain.qemu`` ``git:URL@REF``; others:
+   skipped, with why). If the newest line is still in release candidates, the head is that
+   release in freeze, covered by its newest rc: noted, not planned.
+2. plan, for each candidate x each arch and variant the inventory's hosts produce (every host its
+   arch, plain, and each of its ``variants``: x86_64, x86_64+amdsev, ...), from the ledger's final
+   jobs of that release, arch and variant (any run):
+   - a result is *current* when it was made with the current libvirt probe of a host producing
+     that arch and variant (provenance ``libvirt.source`` equal to the toolchain's ``libvirt``,
+     and ``libvirt.commit`` equal to the toolchain's commit when that is known: a ``git:URL@REF``
+     toolchain is resolved with ``git ls-remote``) and with QEMU of the current candidate (a
+     result of a release candidate is not current once the release or a later candidate is
+     tagged, a result of the development head once an rc or the release is tagged; a head result
+     is current while its QEMU commit is the head's: a head that moved makes it stale);
    - a current ``ok`` result with verdict ``real``: covered, nothing to do;
    - a current ``ok`` (fake, TCG), ``fake``, ``invalid`` or ``wrong-version`` result: tried, not
      retried (the same toolchain would give the same answer) until the toolchain or the tag changes;
@@ -32,8 +33,8 @@ One pass (``farm nightly --once``):
    - no result at all: covered when the libvirt tree has a real dump of it (not for the head: the
      tree's dump of the next release is of an older development QEMU), else *missing*, probed;
    - infrastructure failures (``failed``, ``timeout``) are not results: probed again next night.
-3. probe: one run per release (farm.run.probe, embedded or on the broker), over the arches planned;
-   the head's run builds QEMU at the head's commit (``qemu_ref``).
+3. probe: one run per release and variant (farm.run.probe, embedded or on the broker), over the
+   arches planned; the head's run builds QEMU at the head's commit (``qemu_ref``).
 4. publish (with ``publish``): each run through farm.publish.publisher; a run without a dump to
    publish, or whose dumps equal the tree's, publishes nothing.
 
