@@ -12,19 +12,20 @@ One pass (``farm nightly --once``):
    tags is released (``vX.Y.0`` is tagged, not just its rcs), the head is the development of the
    next release NEXT (QEMU's convention: after X.2 comes (X+1).0, else X.(Y+1).0) and is one more
    candidate, ``HEAD``: release NEXT built at the head's commit (pinned at discovery, so every arch
-   builds the same commit; a development QEMU X.Y.50 is filed under NEXT), for the arches that have
-   a host building QEMU from git (``toolchain.qemu`` ``git:URL@REF``; other arches: skipped, with
-   why). If the newest line is still in release candidates, the head is that release in freeze,
-   covered by its newest rc: noted, not planned.
-2. plan, for each candidate x each arch of the inventory (no variants), from the ledger's final jobs
-   of that release and arch (any run):
-   - a result is *current* when it was made with the hosts' current libvirt probe (provenance
-     ``libvirt.source`` equal to the toolchain's ``libvirt``, and ``libvirt.commit`` equal to the
-     toolchain's commit when that is known: a ``git:URL@REF`` toolchain is resolved with
-     ``git ls-remote``) and with QEMU of the current candidate (a result of a release candidate
-     is not current once the release or a later candidate is tagged, a result of the development
-     head once an rc or the release is tagged; a head result is current while its QEMU commit is
-     the head's: a head that moved makes it stale);
+   builds the same commit; a development QEMU X.Y.50 is filed under NEXT), for the arches (and
+   variants) that have a host building QEMU from git (``toolchain.qemu`` ``git:URL@REF``; others:
+   skipped, with why). If the newest line is still in release candidates, the head is that
+   release in freeze, covered by its newest rc: noted, not planned.
+2. plan, for each candidate x each arch and variant the inventory's hosts produce (every host its
+   arch, plain, and each of its ``variants``: x86_64, x86_64+amdsev, ...), from the ledger's final
+   jobs of that release, arch and variant (any run):
+   - a result is *current* when it was made with the current libvirt probe of a host producing
+     that arch and variant (provenance ``libvirt.source`` equal to the toolchain's ``libvirt``,
+     and ``libvirt.commit`` equal to the toolchain's commit when that is known: a ``git:URL@REF``
+     toolchain is resolved with ``git ls-remote``) and with QEMU of the current candidate (a
+     result of a release candidate is not current once the release or a later candidate is
+     tagged, a result of the development head once an rc or the release is tagged; a head result
+     is current while its QEMU commit is the head's: a head that moved makes it stale);
    - a current ``ok`` result with verdict ``real``: covered, nothing to do;
    - a current ``ok`` (fake, TCG), ``fake``, ``invalid`` or ``wrong-version`` result: tried, not
      retried (the same toolchain would give the same answer) until the toolchain or the tag changes;
@@ -32,8 +33,8 @@ One pass (``farm nightly --once``):
    - no result at all: covered when the libvirt tree has a real dump of it (not for the head: the
      tree's dump of the next release is of an older development QEMU), else *missing*, probed;
    - infrastructure failures (``failed``, ``timeout``) are not results: probed again next night.
-3. probe: one run per release (farm.run.probe, embedded or on the broker), over the arches planned;
-   the head's run builds QEMU at the head's commit (``qemu_ref``).
+3. probe: one run per release and variant (farm.run.probe, embedded or on the broker), over the
+   arches planned; the head's run builds QEMU at the head's commit (``qemu_ref``).
 4. publish (with ``publish``): each run through farm.publish.publisher; a run without a dump to
    publish, or whose dumps equal the tree's, publishes nothing.
 
@@ -132,10 +133,20 @@ class Item:
     action: str  # probe | skip
     why: str  # missing | stale: ... | covered | tried: STATUS | in tree | head: no host ...
     ref: str | None = None  # the head's commit or an rc's tag: what to build QEMU at
+    variant: str | None = None
+
+    @property
+    def column(self) -> str:
+        return column(self.arch, self.variant)
 
     def to_json(self) -> dict:
-        return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "action": self.action,
-                "why": self.why}
+        return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "variant": self.variant,
+                "action": self.action, "why": self.why}
+
+
+def column(arch: str, variant: str | None) -> str:
+    """A dump's arch[+variant], as libvirt's file names and farm coverage write it."""
+    return arch + (f"+{variant}" if variant else "")
 
 
 @dataclass
@@ -197,12 +208,10 @@ def discover(url: str) -> Discovery:
 # ------------------------------------------------------------------------------ planning
 
 
-def current_libvirt(inventory, arch: str, resolve: Callable[[str, str], str | None]) -> list[dict]:
-    """The libvirt probe sources of the hosts of ``arch``: {"source", "commit" (None: not known)}."""
+def current_libvirt(hosts: list, resolve: Callable[[str, str], str | None]) -> list[dict]:
+    """The libvirt probe sources of ``hosts``: {"source", "commit" (None: not known)}."""
     found = []
-    for host in inventory.hosts:
-        if host.arch.value != arch:
-            continue
+    for host in hosts:
         source = host.toolchain.libvirt_source
         commit = None
         if source.kind == "git":
@@ -248,58 +257,72 @@ def _of_candidate(provenance: dict | None, tag: Tag) -> bool:
     return not made.is_development or made.micro >= 90 + tag.rc
 
 
-def ledger_results(ledger: Ledger) -> dict[tuple[str, str], list]:
-    """Final jobs without variant, by (release, arch), newest first."""
-    results: dict[tuple[str, str], list] = {}
+def ledger_results(ledger: Ledger) -> dict[tuple[str, str, str | None], list]:
+    """Final jobs by (release, arch, variant), newest first."""
+    results: dict[tuple[str, str, str | None], list] = {}
     for run in ledger.runs(limit=-1):
-        if run.variant:
-            continue
         for job in run.jobs:
-            if job.final and not job.variant:
-                results.setdefault((run.qemu, job.arch), []).append(job)
+            if job.final:
+                results.setdefault((run.qemu, job.arch, job.variant), []).append(job)
     return results
 
 
-def tree_real(tree: Path | None) -> set[tuple[str, str]]:
-    """(release, arch) of the libvirt tree's real dumps (no variants)."""
+def tree_real(tree: Path | None) -> set[tuple[str, str, str | None]]:
+    """(release, arch, variant) of the libvirt tree's real dumps."""
     if tree is None:
         return set()
     from farm.coverage import coverage
 
-    return {(str(c.version), c.column) for c in coverage(tree).cells if c.inspection.verdict.value == "real"}
+    real = set()
+    for c in coverage(tree).cells:
+        if c.inspection.verdict.value == "real":
+            arch, _, variant = c.column.partition("+")
+            real.add((str(c.version), arch, variant or None))
+    return real
+
+
+def producers(inventory) -> dict[tuple[str, str | None], list]:
+    """The hosts that can probe each (arch, variant) of the inventory: every host its plain arch,
+    the hosts declaring a variant that variant too; in inventory order."""
+    found: dict[tuple[str, str | None], list] = {}
+    for host in inventory.hosts:
+        for variant in (None, *host.variants):
+            found.setdefault((host.arch.value, variant), []).append(host)
+    return found
 
 
 def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, tree: Path | None,
          resolve: Callable[[str, str], str | None] = _ls_remote_ref, head: Tag | None = None) -> list[Item]:
-    """The items of a pass: the candidates of ``discovery`` and the development ``head``, per arch."""
-    archs = list(dict.fromkeys(h.arch.value for h in inventory.hosts))
-    git_archs = {h.arch.value for h in inventory.hosts if h.toolchain.qemu_from_git}
+    """The items of a pass: the candidates of ``discovery`` and the development ``head``, per arch
+    and variant the inventory's hosts can probe."""
+    columns = producers(inventory)
     results = ledger_results(ledger)
     in_tree = tree_real(tree)
-    libvirts = {arch: current_libvirt(inventory, arch, resolve) for arch in archs}
+    libvirts = {col: current_libvirt(hosts, resolve) for col, hosts in columns.items()}
     items = []
     for tag in discovery.candidates(minimum) + ([head] if head else []):
         qemu = str(tag.version)
-        for arch in archs:
-            if tag.ref and arch not in git_archs:
+        for (arch, variant), hosts in columns.items():
+            if tag.ref and not any(h.toolchain.qemu_from_git for h in hosts):
                 what = "head" if tag.commit else tag.name
-                items.append(Item(qemu, tag.name, arch, "skip", f"{what}: no host of {arch} builds QEMU from git",
-                                  tag.ref))
+                items.append(Item(qemu, tag.name, arch, "skip",
+                                  f"{what}: no host of {column(arch, variant)} builds QEMU from git", tag.ref, variant))
                 continue
-            jobs = results.get((qemu, arch), [])
+            libvirt = libvirts[(arch, variant)]
+            jobs = results.get((qemu, arch, variant), [])
             answers = [j for j in jobs if j.status in TRIED]
-            current = [j for j in answers if _made_with(j.provenance, libvirts[arch]) and _of_candidate(j.provenance, tag)]
+            current = [j for j in answers if _made_with(j.provenance, libvirt) and _of_candidate(j.provenance, tag)]
             if any(j.status == "ok" and j.verdict == "real" for j in current):
                 action, why = "skip", "covered"
             elif current:
                 action, why = "skip", f"tried: {current[0].status} (run {current[0].run})"
             elif answers:
-                action, why = "probe", _stale_reason(answers[0], libvirts[arch], tag)
-            elif (qemu, arch) in in_tree and not tag.commit:
+                action, why = "probe", _stale_reason(answers[0], libvirt, tag)
+            elif (qemu, arch, variant) in in_tree and not tag.commit:
                 action, why = "skip", "in tree"
             else:
                 action, why = "probe", "missing" if not jobs else f"missing (last: {jobs[0].status}, run {jobs[0].run})"
-            items.append(Item(qemu, tag.name, arch, action, why, tag.ref))
+            items.append(Item(qemu, tag.name, arch, action, why, tag.ref, variant))
     return items
 
 
@@ -348,15 +371,16 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
         result = Pass(discovery, items, dry_run, notes=[note])
         if dry_run:
             return result
-        by_release: dict[tuple[str, str | None], list[str]] = {}
+        by_run: dict[tuple[str, str | None, str | None], list[str]] = {}
         for item in result.plan:
-            by_release.setdefault((item.qemu, item.ref), []).append(item.arch)
-        for (qemu, ref), archs in by_release.items():
-            say(f"probing QEMU {qemu}{f' at {ref}' if ref else ''} on {', '.join(archs)}")
-            record = probe(inventory, qemu, ",".join(archs), ledger, broker=broker, qemu_ref=ref,
+            by_run.setdefault((item.qemu, item.ref, item.variant), []).append(item.arch)
+        for (qemu, ref, variant), archs in by_run.items():
+            say(f"probing QEMU {qemu}{f' at {ref}' if ref else ''} on {', '.join(column(a, variant) for a in archs)}")
+            record = probe(inventory, qemu, ",".join(archs), ledger, variant=variant, broker=broker, qemu_ref=ref,
                            progress=lambda job, message: say(f"{job}: {message}"))
-            entry = {"run": record.id, "qemu": qemu, "ref": ref, "jobs": [
-                {"arch": j.arch, "status": j.status, "verdict": j.verdict, "host": j.host, "reasons": j.reasons}
+            entry = {"run": record.id, "qemu": qemu, "ref": ref, "variant": variant, "jobs": [
+                {"arch": j.arch, "variant": j.variant, "status": j.status, "verdict": j.verdict, "host": j.host,
+                 "reasons": j.reasons}
                 for j in record.jobs]}
             if publish:
                 entry["publication"] = _publish(ledger, record, publish_options, say)
@@ -395,14 +419,15 @@ def render(result: Pass) -> str:
     lines = [f"QEMU {result.discovery.url}: {len(result.discovery.tags)} release tag(s)"]
     for item in result.items:
         label = f"{item.tag} {item.qemu}" if item.ref else item.tag
-        lines.append(f"  {label:<14} {item.arch:<10} {'PROBE' if item.action == 'probe' else 'skip ':5} {item.why}")
+        lines.append(f"  {label:<14} {item.column:<15} {'PROBE' if item.action == 'probe' else 'skip ':5} {item.why}")
     if not result.plan:
         lines.append("nothing to probe")
     elif result.dry_run:
         lines.append(f"dry run: would probe {len(result.plan)} job(s)")
     for r in result.runs:
         at = f" at {r['ref'][:12]}" if r.get("ref") else ""
-        lines.append(f"run {r['run']}: QEMU {r['qemu']}{at}: " + ", ".join(f"{j['arch']} {j['status']}" for j in r["jobs"]))
+        jobs = ", ".join(f"{column(j['arch'], j['variant'])} {j['status']}" for j in r["jobs"])
+        lines.append(f"run {r['run']}: QEMU {r['qemu']}{at}: {jobs}")
         if r.get("publication"):
             p = r["publication"]
             lines.append(f"  publish: {p.get('message') or p.get('error')}")

@@ -4,13 +4,14 @@ probed on a local host whose libvirt probe replays a recorded QEMU 9.2.0 dump (t
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from farm.caps.version import QemuVersion
 from farm.nightly import Discovery, Tag, _of_candidate, parse_tags
-from tests.helpers import farm
+from tests.helpers import REPO, farm
 from tests.standin import RECORDED, standin_builddir
 
 TAGS = ["v8.2.0", "v9.1.0", "v9.2.0-rc1", "v9.2.0"]
@@ -84,6 +85,58 @@ def test_min_qemu_and_the_libvirt_tree_limit_the_plan(nightly_env, libvirt11):
     assert out["plan"] == []  # libvirt 11.3.0 has a real caps_9.2.0_x86_64
     assert [(i["tag"], i["why"]) for i in out["skipped"]] == [
         ("v9.2.0", "in tree"), ("HEAD", "head: no host of x86_64 builds QEMU from git")]  # the host's QEMU: system
+
+
+def with_variants(env: dict, *variants: str) -> dict:
+    """The nightly farm, its host declaring ``variants`` (the stand-in replays the same plain dump)."""
+    inventory = Path(env["FARM_INVENTORY"])
+    inventory.write_text(inventory.read_text() + f"    variants: [{', '.join(variants)}]\n")
+    return env
+
+
+def columns(out: dict, key: str) -> list[tuple[str, str, str | None, str]]:
+    return [(i["tag"], i["arch"], i["variant"], i["why"]) for i in out[key]]
+
+
+def test_a_pass_plans_and_probes_each_variant_of_the_hosts(nightly_env):
+    env = with_variants(nightly_env, "amdsev")
+    code, out, err = farm(env, "nightly", "--dry-run", "--json")
+    assert code == 0, err
+    assert columns(out, "plan") == [
+        ("v9.1.0", "x86_64", None, "missing"), ("v9.1.0", "x86_64", "amdsev", "missing"),
+        ("v9.2.0", "x86_64", None, "missing"), ("v9.2.0", "x86_64", "amdsev", "missing")]
+
+    code, out, err = farm(env, "nightly", "--once", "--json")
+    assert code == 0, err
+    runs = {(r["qemu"], r["variant"]): r for r in out["runs"]}  # one run per release and variant
+    assert [[(j["arch"], j["variant"], j["status"], j["verdict"]) for j in r["jobs"]] for r in out["runs"]] == [
+        [("x86_64", None, "wrong-version", "real")], [("x86_64", "amdsev", "wrong-version", "real")],
+        [("x86_64", None, "ok", "real")], [("x86_64", "amdsev", "ok", "real")]]
+    code, shown, err = farm(env, "runs", "show", str(runs["9.2.0", "amdsev"]["run"]), "--json")
+    assert code == 0, err
+    assert shown["variant"] == "amdsev"
+    assert [Path(j["artifact"]).name for j in shown["jobs"]] == ["caps_9.2.0_x86_64+amdsev.replies"]
+
+    code, out, err = farm(env, "nightly", "--once", "--json")
+    assert code == 0, err
+    assert out["plan"] == [] and out["runs"] == []
+    assert [(tag, variant, why.split(" (")[0]) for tag, _, variant, why in columns(out, "skipped")] == [
+        ("v9.1.0", None, "tried: wrong-version"), ("v9.1.0", "amdsev", "tried: wrong-version"),
+        ("v9.2.0", None, "covered"), ("v9.2.0", "amdsev", "covered"),
+        ("HEAD", None, "head: no host of x86_64 builds QEMU from git"),
+        ("HEAD", "amdsev", "head: no host of x86_64+amdsev builds QEMU from git")]
+
+
+def test_the_libvirt_tree_covers_variants(nightly_env, libvirt11):
+    env = {**with_variants(nightly_env, "amdsev", "sgx"), "FARM_NIGHTLY_MIN_QEMU": "9.2.0", "FARM_NIGHTLY_HEAD": "0"}
+    code, out, err = farm(env, "nightly", "--dry-run", "--json", "--libvirt", str(libvirt11))
+    assert code == 0, err
+    assert columns(out, "skipped") == [  # libvirt 11.3.0 has a real caps_9.2.0_x86_64+amdsev, no +sgx
+        ("v9.2.0", "x86_64", None, "in tree"), ("v9.2.0", "x86_64", "amdsev", "in tree")]
+    assert columns(out, "plan") == [("v9.2.0", "x86_64", "sgx", "missing")]
+    text = subprocess.run([sys.executable, "-m", "farm", "nightly", "--dry-run", "--libvirt", str(libvirt11)],
+                          env=env, capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "  v9.2.0         x86_64+amdsev   skip  in tree" in text.splitlines()
 
 
 def test_a_bad_qemu_url_is_a_clear_error(nightly_env, tmp_path):
