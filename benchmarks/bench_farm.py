@@ -9,7 +9,9 @@ caps_9.2.0_x86_64.replies (a real KVM dump), so jobs end ``ok``. The coordinator
 SSH connection reused per host.
 
 For each N, in a child process of its own (so its peak RSS is its own): the first N hosts,
-``--rounds`` x N jobs of x86_64 (at least ``--min-jobs``), each job's candidates all N
+``--rounds`` x N jobs of x86_64 (at least ``--min-jobs``; 4 per host by default: throughput is a
+steady-state figure, and with 2 per host half the jobs are the first wave, all starting and
+ending together), each job's candidates all N
 hosts (max_jobs 1: at most N probes at once). Job ids are ``run-<run>-<arch>``, so every job gets a run of its own in the
 ledger (one x86_64 job per run); that changes nothing in what a job does. A warm-up (one job
 per host: the SSH connection, the agent upload over SFTP, the agent's cache dir) is not
@@ -25,7 +27,7 @@ Goals: overhead p50 <= 0.3 s; throughput at 32 hosts >= 0.8x linear.
 
 Needs root (namespaces, sshd) and ./bootstrap's cache (libvirt 11.3.0's test data).
 
-    python benchmarks/bench_farm.py [--hosts 1,8,32] [--rounds 2] [--min-jobs 8] [--delay 2.0]
+    python benchmarks/bench_farm.py [--hosts 1,8,32] [--rounds 4] [--min-jobs 8] [--delay 2.0]
 """
 
 from __future__ import annotations
@@ -436,7 +438,7 @@ def _others(r: dict) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", default="1,8,32", help="host counts, comma-separated (default 1,8,32)")
-    parser.add_argument("--rounds", type=int, default=2, help="jobs per host (default 2)")
+    parser.add_argument("--rounds", type=int, default=4, help="jobs per host (default 4)")
     parser.add_argument("--min-jobs", type=int, default=8, help="at least this many jobs per N (default 8)")
     parser.add_argument("--delay", type=float, default=2.0, help="stand-in probe seconds (default 2.0)")
     parser.add_argument("--timeout", type=float, default=120.0, help="probe timeout of each job")
