@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     nightly_head: bool = Field(
         True, description="Whether farm nightly probes QEMU's development head (as the next release)."
     )
+    nightly_publish: bool = Field(
+        False, description="Whether the passes farm beat sends publish what changed (as farm nightly --publish), "
+        "into FARM_LIBVIRT_CHECKOUT.",
+    )
     nightly_cron: str = Field(
         "0 2 * * *", description="When farm nightly without --once runs a pass (cron expression, local time)."
     )

@@ -384,6 +384,8 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
                 for j in record.jobs]}
             if publish:
                 entry["publication"] = _publish(ledger, record, publish_options, say)
+                publication = entry["publication"]
+                say(f"run {record.id}: publish: {publication.get('message') or publication.get('error')}")
             result.runs.append(entry)
         return result
 
@@ -395,7 +397,7 @@ def _publish(ledger: Ledger, record, options: Callable[[], object] | None, say) 
         return {"status": "nothing", "message": f"run {record.id}: no ok dump, nothing to publish"}
     try:
         publication = publisher.publish(ledger, record.id, options(), say)
-    except publisher.PublishError as e:
+    except (publisher.PublishError, UsageError) as e:  # e.g. no libvirt checkout configured
         return {"status": "error", "error": str(e)}
     return {"status": publication.status, "message": publication.message, "branch": publication.branch,
             "commits": publication.commits, "mr_url": publication.mr_url}

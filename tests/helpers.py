@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +41,33 @@ def farm(env: dict, *args: str) -> tuple[int, dict | list | None, str]:
     except json.JSONDecodeError:
         out = None
     return done.returncode, out, done.stderr
+
+
+@contextlib.contextmanager
+def served_dashboard(env: dict, log: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`farm dashboard ARGS` serving for real on a free port: (its URL, the process), stopped after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "w") as fh:
+        process = subprocess.Popen([sys.executable, "-m", "farm", "dashboard", "--port", str(port), *args],
+                                   env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/runs", timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"farm dashboard did not answer on {url}: {log.read_text()}")
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

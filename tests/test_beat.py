@@ -37,7 +37,10 @@ def beat(workers, tmp_path):
 
 
 def test_beat_sends_the_nightly_pass_to_the_coordinator_worker(nightly_env, workers, beat, tmp_path):  # noqa: F811
-    workers.env.update(nightly_env, FARM_NIGHTLY_CRON="* * * * *", FARM_BROKER_URL=workers.broker)
+    # publishing on: without a libvirt checkout the pass says so (publishing itself: test_nightly_publish)
+    workers.env.update(nightly_env, FARM_NIGHTLY_CRON="* * * * *", FARM_BROKER_URL=workers.broker,
+                       FARM_NIGHTLY_PUBLISH="1")
+    workers.env.pop("FARM_LIBVIRT_CHECKOUT", None)
     workers.start("standin", nightly_env["FARM_INVENTORY"], ["--coordinator"])
     proc = beat()
     runs = []
@@ -55,6 +58,10 @@ def test_beat_sends_the_nightly_pass_to_the_coordinator_worker(nightly_env, work
     assert "9.2.0" in by_qemu, f"no nightly run within 90 s: {runs}\n{logs}"
     assert [(j["arch"], j["status"]) for j in by_qemu["9.2.0"]["jobs"]] == [("x86_64", "ok")], logs
     assert "Sending due task farm-nightly (farm.nightly)" in logs
+    deadline = time.monotonic() + 30
+    while "no libvirt checkout" not in (tmp_path / "worker-0.log").read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)  # the task's summary is logged when the pass ends
+    assert "no libvirt checkout: --libvirt PATH or FARM_LIBVIRT_CHECKOUT" in (tmp_path / "worker-0.log").read_text()
 
     # one scheduler per state directory: a second farm beat is refused by the pid file
     second = subprocess.run([sys.executable, "-m", "farm", "beat", "--broker", workers.broker],

@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,19 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, farm
+from tests.helpers import farm, served_dashboard
 from tests.paths import CACHE
 from tests.standin import QEMU, RECORDED, standin_builddir
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "dashboard-secret-4c1f9e0b7a"
 ARTIFACTS = CACHE / "artifacts" / "test_dashboard"  # screenshots kept after the run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -88,34 +79,9 @@ def served(tmp_path_factory, libvirt11):
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     env["FARM_DASHBOARD_TOKEN_FILE"] = str(token_file)
-    port = _free_port()
     log = tmp / "dashboard.log"
-    with open(log, "w") as fh:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "farm", "dashboard", "--port", str(port), "--inventory", str(inventory),
-             "--libvirt", str(libvirt11)],
-            env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/api/runs", timeout=2).close()
-            break
-        except OSError:
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.1)
-    else:
-        pytest.fail(f"farm dashboard did not answer on {url}: {log.read_text()}")
-    try:
+    with served_dashboard(env, log, "--inventory", str(inventory), "--libvirt", str(libvirt11)) as (url, process):
         yield Served(url, tmp / "state", process, log)
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 # --- the JSON API ------------------------------------------------------------------------------

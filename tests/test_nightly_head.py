@@ -19,7 +19,7 @@ import pytest
 
 from farm.caps.version import QemuVersion
 from farm.nightly import Discovery, Tag, _of_candidate, parse_tags
-from tests.helpers import REPO, farm
+from tests.helpers import REPO, farm, served_dashboard
 from tests.paths import CACHE
 from tests.standin import standin_builddir
 from tests.test_nightly import qemu_repo
@@ -131,19 +131,12 @@ def test_probe_builds_a_git_ref_and_files_the_dump_under_the_release(qemu_farm):
 
 
 def dashboard(env: dict, path: str) -> str:
-    """A page of the dashboard (farm.web's app, in this process) over the ledger of ``env``."""
-    import warnings
+    """A page of `farm dashboard` served for real over the ledger of ``env``."""
+    import urllib.request
 
-    from farm.ledger import Ledger
-    from farm.web.app import create_app
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # starlette deprecates its TestClient over httpx
-        from starlette.testclient import TestClient
-
-        answer = TestClient(create_app(Ledger(Path(env["FARM_STATE_DIR"])))).get(path)
-    assert answer.status_code == 200, answer.text
-    return answer.text
+    with served_dashboard(env, Path(env["FARM_STATE_DIR"]).parent / "dashboard.log") as (url, _):
+        with urllib.request.urlopen(url + path, timeout=30) as answer:
+            return answer.read().decode()
 
 
 @pytest.mark.parametrize("ref, problem", [

@@ -163,17 +163,20 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
 
 def _nightly(task) -> dict:
     """The Celery task: one nightly pass (farm.nightly.run_pass, which holds the nightly lock) over
-    the worker's inventory, its jobs sent to the workers through this broker; its JSON summary."""
+    the worker's inventory, its jobs sent to the workers through this broker, publishing with
+    FARM_NIGHTLY_PUBLISH into FARM_LIBVIRT_CHECKOUT; its JSON summary."""
     from celery.utils.log import get_task_logger
 
     from farm import nightly
     from farm.inventory import resolve_inventory
+    from farm.publish import publisher
 
     s = settings()
     log = get_task_logger(NIGHTLY)
     inventory = _inventory[0] if _inventory[0] is not None else resolve_inventory(None)
     result = nightly.run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
-                              broker=task.app.conf.broker_url, say=log.info)
+                              publish=s.nightly_publish, broker=task.app.conf.broker_url, say=log.info,
+                              publish_options=lambda: publisher.options_from_settings(s, s.libvirt_checkout))
     return result.to_json()
 
 
