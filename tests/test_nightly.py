@@ -88,7 +88,8 @@ def test_min_qemu_and_the_libvirt_tree_limit_the_plan(nightly_env, libvirt11):
 
 
 def with_variants(env: dict, *variants: str) -> dict:
-    """The nightly farm, its host declaring ``variants`` (the stand-in replays the same plain dump)."""
+    """The nightly farm, its host declaring ``variants`` (the stand-in replays the same plain dump,
+    which farm's judging finds out for +amdsev and +sgx)."""
     inventory = Path(env["FARM_INVENTORY"])
     inventory.write_text(inventory.read_text() + f"    variants: [{', '.join(variants)}]\n")
     return env
@@ -109,9 +110,11 @@ def test_a_pass_plans_and_probes_each_variant_of_the_hosts(nightly_env):
     code, out, err = farm(env, "nightly", "--once", "--json")
     assert code == 0, err
     runs = {(r["qemu"], r["variant"]): r for r in out["runs"]}  # one run per release and variant
+    # the stand-in replays a plain dump: as +amdsev its own query-sev-capabilities gives it away
     assert [[(j["arch"], j["variant"], j["status"], j["verdict"]) for j in r["jobs"]] for r in out["runs"]] == [
-        [("x86_64", None, "wrong-version", "real")], [("x86_64", "amdsev", "wrong-version", "real")],
-        [("x86_64", None, "ok", "real")], [("x86_64", "amdsev", "ok", "real")]]
+        [("x86_64", None, "wrong-version", "real")], [("x86_64", "amdsev", "wrong-version", "invalid")],
+        [("x86_64", None, "ok", "real")], [("x86_64", "amdsev", "invalid", "invalid")]]
+    assert any("named +amdsev but query-sev-capabilities failed" in r for r in runs["9.2.0", "amdsev"]["jobs"][0]["reasons"])
     code, shown, err = farm(env, "runs", "show", str(runs["9.2.0", "amdsev"]["run"]), "--json")
     assert code == 0, err
     assert shown["variant"] == "amdsev"
@@ -122,7 +125,7 @@ def test_a_pass_plans_and_probes_each_variant_of_the_hosts(nightly_env):
     assert out["plan"] == [] and out["runs"] == []
     assert [(tag, variant, why.split(" (")[0]) for tag, _, variant, why in columns(out, "skipped")] == [
         ("v9.1.0", None, "tried: wrong-version"), ("v9.1.0", "amdsev", "tried: wrong-version"),
-        ("v9.2.0", None, "covered"), ("v9.2.0", "amdsev", "covered"),
+        ("v9.2.0", None, "covered"), ("v9.2.0", "amdsev", "tried: invalid"),
         ("HEAD", None, "head: no host of x86_64 builds QEMU from git"),
         ("HEAD", "amdsev", "head: no host of x86_64+amdsev builds QEMU from git")]
 

@@ -141,6 +141,23 @@ def test_name_disagreeing_with_content_is_invalid(data11, tmp_path, capsys):
     assert any("QEMU reports 9.2.50: belongs under 9.3.0 or 10.0.0" in r for r in s["reasons"])
 
 
+def test_a_variant_must_show_its_feature(data11, tmp_path, capsys):
+    """A plain dump filed as +amdsev or +sgx: its own replies say SEV and SGX were not there."""
+    for variant in ("amdsev", "sgx", "inteltdx"):
+        shutil.copy(data11 / "caps_9.2.0_x86_64.replies", tmp_path / f"caps_9.2.0_x86_64+{variant}.replies")
+    code, out = run_farm(capsys, "replies", "inspect", "--json", *(str(tmp_path / f"caps_9.2.0_x86_64+{v}.replies")
+                                                                   for v in ("amdsev", "sgx", "inteltdx")))
+    assert code == 1
+    sev, sgx, tdx = json.loads(out)
+    assert sev["verdict"] == sgx["verdict"] == "invalid"
+    assert "named +amdsev but query-sev-capabilities failed: SEV: Failed to open /dev/sev: No such file or directory" \
+        in sev["reasons"]
+    assert "named +sgx but query-sgx-capabilities failed: Could not open '/dev/sgx_vepc': No such file or directory" \
+        in sgx["reasons"]
+    assert tdx["verdict"] == "real"  # libvirt 11.3.0's probe does not ask: a warning, not a verdict
+    assert "+inteltdx not confirmed: the probe did not ask query-tdx-capabilities" in tdx["warnings"]
+
+
 def test_verdicts_match_what_libvirts_trees_are(data9, data11, capsys):
     files = sorted(data9.glob("*.replies")) + sorted(data11.glob("*.replies"))
     code, out = run_farm(capsys, "replies", "inspect", "--json", *map(str, files))

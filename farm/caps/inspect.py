@@ -96,6 +96,9 @@ def inspect(dump: Dump, name: DumpName | None = None) -> Inspection:
         reasons.append(f"no usable query-target reply (target {facts.target!r})")
     if name is not None:
         reasons += _name_disagreements(name, facts)
+        proof, doubt = _variant_problems(dump, facts, name)
+        reasons += proof
+        warnings += doubt
     reasons += _session_problems(facts, name)
     warnings += _build_warnings(facts)
     if reasons:
@@ -169,6 +172,33 @@ def _name_disagreements(name: DumpName, facts: Facts) -> list[str]:
         belongs = " or ".join(str(v) for v in version.release_names())
         reasons.append(f"named {name.version} but QEMU reports {version}: belongs under {belongs}")
     return reasons
+
+
+# what a variant's dump must show: the query that answers only where the feature is usable
+_VARIANT_PROOF = {"amdsev": "query-sev-capabilities", "sgx": "query-sgx-capabilities",
+                  "inteltdx": "query-tdx-capabilities"}
+
+
+def _variant_problems(dump: Dump, facts: Facts, name: DumpName) -> tuple[list[str], list[str]]:
+    """(reasons, warnings): does the dump show the feature its variant names?"""
+    variant = name.variant
+    if variant == "mshv" and facts.accelerator != "mshv":
+        return [f"named +mshv but probed with {facts.accelerator}"], []
+    command = _VARIANT_PROOF.get(variant or "")
+    if command is None:
+        return [], []
+    ex = dump.find(command)
+    if ex is None:
+        return [], [f"+{variant} not confirmed: the probe did not ask {command}"]
+    try:
+        reply = ex.reply
+    except ValueError:
+        return [], []  # unreadable replies are the validation's problem
+    if "return" not in reply:
+        error = reply.get("error")
+        desc = error.get("desc") if isinstance(error, dict) else None
+        return [f"named +{variant} but {command} failed: {desc or 'no return'}"], []
+    return [], []
 
 
 def _session_problems(facts: Facts, name: DumpName | None) -> list[str]:
