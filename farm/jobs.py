@@ -105,12 +105,14 @@ class Outcome:
 
 class HostSlots:
     """Job slots of hosts (``max_jobs`` each): a job takes a free slot on any of its
-    candidate hosts, the least busy first, and waits while all of them are busy."""
+    candidate hosts, the least busy first, or waits in line; a slot given back goes straight
+    to the first job in line that can use that host (only that job is woken)."""
 
     def __init__(self, hosts: list):
         self._free = {h.name: h.max_jobs for h in hosts}
         self._size = dict(self._free)
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._line: list[tuple[dict, threading.Event, list]] = []  # (candidates by name, woken, [host])
 
     @property
     def size(self) -> int:
@@ -118,7 +120,7 @@ class HostSlots:
         return sum(self._size.values())
 
     def add(self, hosts: list) -> None:
-        with self._changed:
+        with self._lock:
             for h in hosts:
                 self._free.setdefault(h.name, h.max_jobs)
                 self._size.setdefault(h.name, h.max_jobs)
@@ -130,22 +132,31 @@ class HostSlots:
         if not hosts:
             yield None, lambda: None
             return
-        with self._changed:
-            while True:
-                free = [h for h in hosts if self._free[h.name] > 0]
-                if free:
-                    host = max(free, key=lambda h: self._free[h.name] / h.max_jobs)
-                    self._free[host.name] -= 1
-                    break
-                self._changed.wait()
+        with self._lock:
+            free = [h for h in hosts if self._free[h.name] > 0]
+            if free:
+                host = max(free, key=lambda h: self._free[h.name] / h.max_jobs)
+                self._free[host.name] -= 1
+            else:
+                turn = ({h.name: h for h in hosts}, threading.Event(), [])
+                self._line.append(turn)
+        if not free:
+            turn[1].wait()
+            host = turn[2][0]
         held = [True]
 
         def release() -> None:
-            with self._changed:
-                if held[0]:
-                    held[0] = False
-                    self._free[host.name] += 1
-                    self._changed.notify_all()
+            with self._lock:
+                if not held[0]:
+                    return
+                held[0] = False
+                for i, (candidates, woken, given) in enumerate(self._line):
+                    if host.name in candidates:
+                        del self._line[i]
+                        given.append(candidates[host.name])
+                        woken.set()
+                        return
+                self._free[host.name] += 1
 
         try:
             yield host, release

@@ -194,12 +194,20 @@ _locks: dict[str, threading.RLock] = {}
 _locks_lock = threading.Lock()
 
 
-def _lock_of(path: Path) -> threading.RLock:
+def _lock_of(key: str) -> threading.RLock:
+    """This process's lock of the ledger at ``key`` (its resolved path)."""
     with _locks_lock:
-        return _locks.setdefault(str(Path(path).resolve()), threading.RLock())
+        return _locks.setdefault(key, threading.RLock())
 
 
-os.register_at_fork(after_in_child=_locks.clear)  # a forked worker starts with no lock held
+def _forked() -> None:
+    """A forked worker starts with no lock held (another thread may have held one at the fork)."""
+    global _locks_lock
+    _locks.clear()
+    _locks_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Ledger:
@@ -209,6 +217,7 @@ class Ledger:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.artifacts = self.state_dir / "artifacts"
         self.path = self.state_dir / "ledger.sqlite"
+        self._key = str(self.path.resolve())
         with self._db() as db:
             db.executescript(SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
@@ -226,7 +235,7 @@ class Ledger:
         Other processes (workers, the dashboard) still meet in SQLite's locks. WAL with
         synchronous=NORMAL: a crash of farm loses nothing; a power cut may lose the last
         commits, never consistency (and `farm runs resume` redoes unfinished jobs)."""
-        with _lock_of(self.path):
+        with _lock_of(self._key):
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             try:
                 db.execute("PRAGMA journal_mode=WAL")

@@ -97,3 +97,33 @@ def test_a_judging_process_that_dies_is_replaced_and_the_dump_still_judged():
         assert worker not in judges._pool._processes
     finally:
         judges.close()
+
+
+def test_a_slot_given_back_goes_to_the_first_job_in_line_that_can_use_that_host():
+    a, b = host("a"), host("b")
+    slots = HostSlots([a, b])
+    got: dict[str, str] = {}
+    done = {name: threading.Event() for name in ("only-b", "a-or-b", "only-a")}
+
+    def job(name: str, candidates: list) -> None:
+        with slots.take(candidates) as (h, _):
+            got[name] = h.name
+            done[name].set()
+            time.sleep(0.2)
+
+    with slots.take([a]) as (first_a, release_a), slots.take([b]) as (first_b, release_b):
+        assert (first_a.name, first_b.name) == ("a", "b")
+        threads = []
+        for name, candidates in (("only-b", [b]), ("a-or-b", [a, b]), ("only-a", [a])):
+            threads.append(threading.Thread(target=job, args=(name, candidates)))
+            threads[-1].start()
+            time.sleep(0.1)  # in this order in line
+        release_a()  # "only-b" cannot use a: the next in line that can, "a-or-b", gets it
+        assert done["a-or-b"].wait(5) and got["a-or-b"] == "a"
+        assert not done["only-b"].is_set() and not done["only-a"].is_set()
+        release_b()
+        assert done["only-b"].wait(5) and got["only-b"] == "b"
+    for t in threads:
+        t.join(5)
+    assert got == {"a-or-b": "a", "only-b": "b", "only-a": "a"}
+    assert slots._free == {"a": 1, "b": 1} and slots._line == []

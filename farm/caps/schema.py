@@ -74,12 +74,17 @@ def _fits(entry: dict, rule: Rule | None) -> bool:
         for key, value in entry.items():
             if key not in mandatory and type(value) is not optional.get(key):
                 return False
-            if key == "features" and not all(type(f) is str for f in value):
-                return False
+        features = entry.get("features")
+        if features:
+            for f in features:
+                if type(f) is not str:
+                    return False
     for key, item_rule in items.items():
         values = entry.get(key)
-        if values and not all(type(item) is dict and _fits(item, item_rule) for item in values):
-            return False
+        if values:
+            for item in values:
+                if type(item) is not dict or not _fits(item, item_rule):
+                    return False
     return True
 
 
