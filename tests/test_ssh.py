@@ -169,20 +169,18 @@ def test_a_host_presenting_another_key_is_refused_before_anything_runs(ssh_hosts
     assert SSHTransport(Host.model_validate({**entry, "known_hosts": str(known)})).run(["true"]).returncode == 0
 
 
-def test_put_get_and_scratch(ssh_hosts, tmp_path):
+def test_put_and_get_over_sftp(ssh_hosts, tmp_path):
     (h,) = ssh_hosts.create(1)
     t = SSHTransport(host_of(h))
+    remote = f"{ssh_hosts.cache_dir()}/file"
     data = os.urandom(3 << 20)
     (tmp_path / "up").write_bytes(data)
-    with t.scratch() as scratch:
-        owner = t.run(["stat", "-c", "%U %a", scratch]).stdout.split()
-        assert owner == [FARM_USER, "700"]
-        t.put(tmp_path / "up", f"{scratch}/file")
-        t.get(f"{scratch}/file", tmp_path / "down")
-        assert (tmp_path / "down").read_bytes() == data
-        with pytest.raises(HostError, match="cannot download"):
-            t.get(f"{scratch}/missing", tmp_path / "missing")
-    assert not os.path.exists(scratch)
+    t.put(tmp_path / "up", remote)
+    assert t.run(["stat", "-c", "%U", remote]).stdout.split() == [FARM_USER]
+    t.get(remote, tmp_path / "down")
+    assert (tmp_path / "down").read_bytes() == data
+    with pytest.raises(HostError, match="cannot download"):
+        t.get(f"{remote}.missing", tmp_path / "missing")
 
 
 # -- the agent over SFTP ----------------------------------------------------------------------

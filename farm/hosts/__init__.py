@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -42,10 +41,6 @@ class Transport(Protocol):
     def put(self, local: Path, remote: str) -> None: ...
 
     def get(self, remote: str, local: Path) -> None: ...
-
-    def scratch(self) -> AbstractContextManager[str]:
-        """A new directory on the host that the agent can write into, removed afterwards."""
-        ...
 
 
 _ssh_pool: dict[tuple, Transport] = {}

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from farm.hosts import Completed, HostError
@@ -74,16 +72,6 @@ class LocalTransport:
     def put(self, local: Path, remote: str) -> None:
         if Path(local).resolve() != Path(remote).resolve():
             shutil.copyfile(local, remote)
-
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[str]:
-        path = tempfile.mkdtemp(prefix="farm-scratch-")
-        try:
-            if self.user:
-                os.chown(path, self._uid, -1)
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
 
     def get(self, remote: str, local: Path) -> None:
         if Path(remote).resolve() != Path(local).resolve():

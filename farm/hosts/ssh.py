@@ -14,13 +14,12 @@ import base64
 import codecs
 import contextlib
 import hashlib
-import re
 import select
 import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -307,19 +306,3 @@ class SSHTransport:
 
     def get(self, remote: str, local: Path) -> None:
         self._file_op(f"cannot download {remote}", lambda sftp: sftp.get(remote, str(local)))
-
-    def home(self) -> str:
-        """The remote user's home directory (where SFTP starts)."""
-        return str(self._file_op("cannot find the home directory", lambda sftp: sftp.normalize(".")))
-
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[str]:
-        done = self.run(["mktemp", "-d", "-t", "farm-scratch-XXXXXXXXXX"], timeout=60)
-        path = done.stdout.strip()
-        if done.returncode != 0 or not re.fullmatch(r"/[^\n]*farm-scratch-[A-Za-z0-9]+", path):
-            raise self._fail(f"mktemp -d failed (exit {done.returncode}): {done.stderr.strip() or path}")
-        try:
-            yield path
-        finally:
-            with contextlib.suppress(HostError):
-                self.run(["rm", "-rf", "--", path], timeout=60)
