@@ -52,7 +52,8 @@ with open(sys.argv[2], "rb") as f:
 # per transport: (python, cache as configured) -> {"cache": absolute path, "sha256": of the agent there}
 _installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _installed_lock = threading.Lock()
-# per transport that can keep a command running (ssh): (python, agent path) -> its AgentServer
+# per transport that can keep a command running (ssh): (python, agent path) -> [lock, its AgentServer]
+# (a lock per server: a host slow to start one does not hold up the others)
 _servers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _servers_lock = threading.Lock()
 
@@ -131,18 +132,19 @@ class Agent:
         with _servers_lock:  # a server still running the old agent
             old = _servers.get(self.transport, {}).pop((self.python, self.path), None)
         if old is not None:
-            old.close()
+            with old[0]:
+                if old[1] is not None:
+                    old[1].close()
         return True
 
     def _server(self) -> AgentServer:
         """The agent server of this transport, started when there is none or it died."""
         with _servers_lock:
-            servers = _servers.setdefault(self.transport, {})
-            key = (self.python, self.path)
-            server = servers.get(key)
-            if server is None or server.dead:
-                server = servers[key] = AgentServer(self.transport, [self.python, self.path, "serve"], self.host.name)
-            return server
+            entry = _servers.setdefault(self.transport, {}).setdefault((self.python, self.path), [threading.Lock(), None])
+        with entry[0]:
+            if entry[1] is None or entry[1].dead:
+                entry[1] = AgentServer(self.transport, [self.python, self.path, "serve"], self.host.name)
+            return entry[1]
 
     def call(self, *args: str, timeout: float = FACTS_TIMEOUT, check: bool = True) -> dict:
         if hasattr(self.transport, "start"):
