@@ -270,3 +270,18 @@ def test_a_release_candidate_is_built_at_its_tag_on_hosts_that_build_qemu_from_g
     (job,) = farm(qemu_farm.env, "runs", "show", str(run["run"]), "--json")[1]["jobs"]
     assert job["status"] == "ok", job
     assert provenance(job["artifact"])["qemu"]["commit"] == qemu_farm.head  # the rc0 tag's commit
+
+
+@pytest.mark.slow
+def test_a_ref_travels_to_celery_workers(qemu_farm, redis_server, workers):
+    """Distributed: the job's ref reaches the `farm worker` (real Redis and worker), which builds it."""
+    workers.env.update(qemu_farm.env)
+    workers.start("standin", qemu_farm.env["FARM_INVENTORY"])
+    code, out, err = farm(qemu_farm.env, "probe", "--qemu", "8.0.0", "--ref", qemu_farm.head, "--broker",
+                          redis_server.url, "--json", "--quiet")
+    assert code == 0, err
+    (job,) = out["jobs"]
+    assert (job["status"], job["verdict"]) == ("ok", "real"), job
+    assert provenance(job["artifact"])["qemu"]["commit"] == qemu_farm.head
+    code, shown, err = farm(qemu_farm.env, "runs", "show", str(out["run"]), "--json")
+    assert (shown["mode"], shown["qemu_ref"]) == ("distributed", qemu_farm.head)
