@@ -1221,7 +1221,9 @@ def serve() -> int:
                 os.dup2(null, 0)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
-                for fd in [null, out_r, out_w, err_r, err_w] + [k.fd for k in selector.get_map().values()]:
+                others = [k.fd for k in selector.get_map().values() if k.fd > 2]  # other requests' pipes
+                selector.close()
+                for fd in [null, out_r, out_w, err_r, err_w] + others:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 code = main(argv)
