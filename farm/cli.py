@@ -557,14 +557,16 @@ class _JobProgress:
 def _print_run(record) -> None:
     from rich.table import Table
 
+    from farm.caps.names import column
+
     style = {"ok": "green", "fake": "bold red", "invalid": "bold red", "wrong-version": "bold red",
              "failed": "red", "timeout": "red", "running": "yellow", "pending": "dim"}
     table = Table(title=f"run {record.id}: QEMU {_qemu(record)}")
-    for column in ("arch", "host", "status", "verdict", "reasons", "artifact"):
-        table.add_column(column, overflow="fold")
+    for heading in ("arch", "host", "status", "verdict", "reasons", "artifact"):
+        table.add_column(heading, overflow="fold")
     for j in record.jobs:
         table.add_row(
-            j.arch + (f"+{j.variant}" if j.variant else ""), j.host or "-",
+            column(j.arch, j.variant), j.host or "-",
             f"[{style.get(j.status, 'white')}]{j.status}[/]", j.verdict or "-",
             "\n".join(j.reasons + [f"warning: {w}" for w in j.warnings]) or "-", j.artifact or "-",
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 from farm.caps import dump
 from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, inspect
-from farm.caps.names import DumpName, Scheme, detect_scheme
+from farm.caps.names import DumpName, Scheme, column, detect_scheme
 from farm.caps.version import QemuVersion
 from farm.errors import UsageError
 
@@ -82,8 +82,7 @@ def coverage(tree: Path) -> Coverage:
         except UsageError as e:
             strays.append(str(e))
             continue
-        column = name.arch.value + (f"+{name.variant}" if name.variant else "")
-        cells.append(Cell(name.version, column, inspect(dump.load(path), name)))
+        cells.append(Cell(name.version, column(name.arch.value, name.variant), inspect(dump.load(path), name)))
     return Coverage(directory, detect_scheme(directory), cells, strays)
 
 

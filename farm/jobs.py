@@ -30,7 +30,7 @@ from farm import __version__
 from farm.caps import dump
 from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, Verdict, inspect
-from farm.caps.names import DumpName
+from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
 from farm.hosts import HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
@@ -54,7 +54,7 @@ class Job:
 
     @property
     def id(self) -> str:
-        return f"run-{self.run}-{self.arch}" + (f"+{self.variant}" if self.variant else "")
+        return f"run-{self.run}-{column(self.arch, self.variant)}"
 
     @property
     def name(self) -> DumpName:
@@ -175,9 +175,9 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
     say = progress or (lambda message: None)
     slots = slots or HostSlots(hosts)
     if not hosts:
-        what = job.arch + (f"+{job.variant}" if job.variant else "")
         record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
-        record.reasons = [f"no healthy host can probe {what} (quarantined hosts: farm hosts release NAME)"]
+        record.reasons = [f"no healthy host can probe {column(job.arch, job.variant)} "
+                          "(quarantined hosts: farm hosts release NAME)"]
         return Outcome(record)
     tried: list[str] = []
     attempts: list[tuple[str, str, str]] = []

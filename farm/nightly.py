@@ -57,6 +57,7 @@ from pathlib import Path
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
 from farm.ledger import Ledger
+from farm.caps.names import column
 
 _TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-9]+))?")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -142,11 +143,6 @@ class Item:
     def to_json(self) -> dict:
         return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "variant": self.variant,
                 "action": self.action, "why": self.why}
-
-
-def column(arch: str, variant: str | None) -> str:
-    """A dump's arch[+variant], as libvirt's file names and farm coverage write it."""
-    return arch + (f"+{variant}" if variant else "")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from farm.caps.arch import Architecture
-from farm.caps.names import parse_variant
+from farm.caps.names import column, parse_variant
 from farm.caps.version import QemuVersion
 from farm.errors import UsageError
 from farm.inventory import git_ref_problem
@@ -24,7 +24,7 @@ def plan(
     archs = Architecture.parse_list(arch_spec, list(dict.fromkeys(h.arch for h in chosen)))
     work = []
     for arch in archs:
-        what = arch.value + (f"+{variant}" if variant else "")
+        what = column(arch.value, variant)
         producers = [h for h in inventory.hosts_for(arch, variant) if h in chosen]
         if not producers:
             raise UsageError(f"{inventory.source}: no host can probe {what} (hosts: {', '.join(h.name for h in inventory.hosts)})")

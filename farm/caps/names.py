@@ -62,8 +62,7 @@ class DumpName:
 
     def __str__(self) -> str:
         sep = "_" if self.scheme is Scheme.current else "."
-        variant = f"+{self.variant}" if self.variant else ""
-        return f"caps_{self.version}{sep}{self.arch.value}{variant}{self.suffix}"
+        return f"caps_{self.version}{sep}{column(self.arch.value, self.variant)}{self.suffix}"
 
     def with_scheme(self, scheme: Scheme) -> DumpName:
         return DumpName(self.version, self.arch, self.variant, scheme, self.suffix)
@@ -77,6 +76,11 @@ class DumpName:
     def cell(self) -> tuple[QemuVersion, Architecture, str | None]:
         """The coverage cell this name fills: (version, arch, variant)."""
         return (self.version, self.arch, self.variant)
+
+
+def column(arch: str, variant: str | None) -> str:
+    """A dump's arch[+variant], as libvirt's file names and farm's coverage columns write it."""
+    return arch + (f"+{variant}" if variant else "")
 
 
 def parse_variant(text: str | None) -> str | None:

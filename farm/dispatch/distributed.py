@@ -24,6 +24,7 @@ import redis.exceptions
 from celery import Celery
 
 from farm.caps.arch import Architecture
+from farm.caps.names import column
 from farm.config import settings
 from farm.errors import FarmError
 from farm.jobs import RETRYABLE, HostSlots, Job, Judges, Outcome, execute, keep
@@ -51,7 +52,7 @@ _inventory: list = [None]  # the worker's inventory (the nightly task plans over
 
 
 def arch_queue(arch: str, variant: str | None = None) -> str:
-    return f"arch.{arch}" + (f"+{variant}" if variant else "")
+    return f"arch.{column(arch, variant)}"
 
 
 def host_queue(name: str) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from farm.caps import dump as dumps
 from farm.caps.diff import DumpDiff, diff
 from farm.caps.inspect import Verdict, inspect
-from farm.caps.names import DumpName, Scheme, detect_scheme, place
+from farm.caps.names import DumpName, Scheme, column, detect_scheme, place
 from farm.errors import FarmError, UsageError
 from farm.ledger import JobRecord, Ledger, PublicationRecord, RunRecord
 from farm.publish import mr as merge_requests
@@ -143,7 +143,7 @@ def _candidates(run: RunRecord, allow_fake: bool) -> tuple[list[tuple[JobRecord,
     """The run's dumps fit to publish, and the jobs left out with why; bad dumps stop everything."""
     chosen, skipped, refused = [], [], []
     for job in run.jobs:
-        label = job.arch + (f"+{job.variant}" if job.variant else "")
+        label = column(job.arch, job.variant)
         if not job.artifact:
             skipped.append(f"{job.id}: {job.status}, no dump")
             continue
@@ -209,7 +209,7 @@ def _place(job: JobRecord, artifact: Path, tree: Path) -> Placed:
     layout = dumps.Layout.current if scheme is Scheme.current else dumps.Layout.old
     text = dumps.render(new.exchanges, layout)
     rendered = dumps.parse(text, str(target))
-    arch = name.arch.value + (f"+{name.variant}" if name.variant else "")
+    arch = column(name.arch.value, name.variant)
     version = str(name.version)
     provenance = job.provenance or {}
     if target.exists():

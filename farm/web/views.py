@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from farm.caps.arch import Architecture
-from farm.caps.names import DumpName
+from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError
 from farm.web.queries import LatestJob, Queries
@@ -18,10 +18,6 @@ RUNS_PER_PAGE = 50
 
 
 # --- coverage -----------------------------------------------------------------------------
-
-
-def _column(arch: str, variant: str | None) -> str:
-    return arch + (f"+{variant}" if variant else "")
 
 
 def _column_order(column: str) -> tuple[int, str]:
@@ -55,7 +51,7 @@ def farm_cells(latest: list[LatestJob], artifacts: Path) -> list[dict]:
             newest_probe[j.arch] = max(newest_probe.get(j.arch, ()), _libvirt_key(version))
     cells = []
     for j in latest:
-        version, column = j.qemu, _column(j.arch, j.variant)
+        version, col = j.qemu, column(j.arch, j.variant)
         artifact = _relative(j.artifact, artifacts)
         if artifact and j.artifact:
             try:  # a wrong-version dump is kept under its true name
@@ -74,7 +70,7 @@ def farm_cells(latest: list[LatestJob], artifacts: Path) -> list[dict]:
         else:
             state = "real" if j.verdict == "real" else "fake"
         cells.append({
-            "source": "farm", "version": version, "column": column, "state": state, "verdict": j.verdict,
+            "source": "farm", "version": version, "column": col, "state": state, "verdict": j.verdict,
             "status": j.status, "reasons": reasons, "run": j.run, "job": j.job, "host": j.host,
             "finished": j.finished, "libvirt": probe,
             "expects_real": _expects_real(j.arch),
@@ -220,7 +216,7 @@ def hosts(queries: Queries, inventory) -> list[dict]:
             "kvm_usable": kvm.get("usable") if kvm else None, "machine": f.get("arch"), "kernel": f.get("kernel"),
             "cpu": f.get("cpu_model"),
             "running": [{"job": j["id"], "run": j["run"], "qemu": j["qemu"],
-                         "column": _column(j["arch"], j["variant"]), "started": j["started"]}
+                         "column": column(j["arch"], j["variant"]), "started": j["started"]}
                         for j in running if j["host"] == name],
         })
     return out
@@ -252,7 +248,7 @@ def run_detail(ledger, run: int) -> dict:
     for j in record.jobs:
         artifact = _relative(j.artifact, artifacts)
         jobs.append({
-            **j.to_json(), "column": _column(j.arch, j.variant),
+            **j.to_json(), "column": column(j.arch, j.variant),
             "dump": f"/artifacts/{artifact}" if artifact else None,
             "provenance": f"/artifacts/{Path(artifact).parent}/provenance.json" if artifact else None,
             "libvirt": ((j.provenance or {}).get("libvirt") or {}).get("libvirt_version"),
