@@ -45,7 +45,7 @@ class AgentServer:
         self._said: deque[str] = deque(maxlen=5)  # the server's own words (not JSON), for errors
         self.dead: str | None = None
         self._channel.settimeout(START_TIMEOUT)
-        self._lines = self._read_lines()
+        self._messages = self._read_messages()
         greeting = self._greeting()
         self.pid = greeting.get("pid")
         self._channel.settimeout(None)
@@ -53,13 +53,8 @@ class AgentServer:
 
     def _greeting(self) -> dict:
         try:
-            for raw in self._lines:
-                try:
-                    message = json.loads(raw)
-                except ValueError:
-                    self._said.append(raw.decode(errors="replace").strip())
-                    continue
-                if isinstance(message, dict) and "serve" in message:
+            for message in self._messages:
+                if "serve" in message:
                     return message
         except (OSError, EOFError) as e:  # socket.timeout is an OSError
             self.close()
@@ -68,38 +63,35 @@ class AgentServer:
         raise HostError(f"host {self.name!r}: the agent server did not start: "
                         f"{' | '.join(self._said) or 'it exited without a word'}")
 
-    def _read_lines(self):
-        """The channel's output, line by line (paramiko's readline rescans long lines)."""
+    def _read_messages(self):
+        """The channel's JSON objects, line by line; other lines are the server's own words (kept
+        in ``_said``). Lines are split here: paramiko's readline rescans long lines."""
         buffer = bytearray()
         while True:
             chunk = self._channel.recv(1 << 18)
-            if not chunk:
-                if buffer:
-                    yield bytes(buffer)
-                return
             start = len(buffer)
-            buffer += chunk
-            end = buffer.find(b"\n", start)
-            if end < 0:
-                continue
-            begin = 0
+            buffer += chunk or b"\n"
+            begin, end = 0, buffer.find(b"\n", start)
             while end >= 0:
-                yield bytes(buffer[begin:end + 1])
-                begin = end + 1
-                end = buffer.find(b"\n", begin)
+                line = bytes(buffer[begin:end])
+                begin, end = end + 1, buffer.find(b"\n", end + 1)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    message = None
+                if isinstance(message, dict):
+                    yield message
+                elif line.strip():
+                    self._said.append(line.decode(errors="replace").strip())
             del buffer[:begin]
+            if not chunk:
+                return
 
     def _read(self) -> None:
         try:
-            for raw in self._lines:
-                try:
-                    message = json.loads(raw)
-                    request = int(message["id"])
-                except (ValueError, KeyError, TypeError):
-                    self._said.append(raw.decode(errors="replace").strip())
-                    continue
+            for message in self._messages:
                 with self._calls_lock:
-                    call = self._calls.get(request)
+                    call = self._calls.get(message.get("id"))
                 if call is None:
                     continue
                 if "line" in message:
