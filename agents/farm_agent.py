@@ -1334,26 +1334,21 @@ class JsonArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number: %r" % text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive: %r" % text)
-    return value
+def positive(kind: type, what: str):
+    """argparse type: a number of ``kind`` > 0 (``what`` names it in errors)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not %s: %r" % (what, text))
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be positive: %r" % text)
+        return value
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not an integer: %r" % text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive: %r" % text)
-    return value
+positive_float = positive(float, "a number")
+positive_int = positive(int, "an integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
