@@ -127,3 +127,49 @@ def test_a_slot_given_back_goes_to_the_first_job_in_line_that_can_use_that_host(
         t.join(5)
     assert got == {"a-or-b": "a", "only-b": "b", "only-a": "a"}
     assert slots._free == {"a": 1, "b": 1} and slots._line == []
+
+
+def standin_hosts(tmp_path, count: int) -> list[Host]:
+    """Local hosts whose libvirt probe replays libvirt's recorded dump at once (tests/standin.py)."""
+    from tests.standin import standin_builddir
+
+    recorded()
+    build = standin_builddir(tmp_path / "standin", delay=0)
+    return [Host.model_validate({"name": f"standin-{i}", "transport": "local", "arch": "x86_64",
+                                 "toolchain": {"libvirt": f"builddir:{build}", "qemu": "system",
+                                               "cache_dir": str(tmp_path / "cache")}})
+            for i in range(count)]
+
+
+def test_the_host_slot_is_free_while_its_dump_is_judged(tmp_path):
+    from farm.jobs import execute
+
+    (h,) = standin_hosts(tmp_path, 1)
+    slots = HostSlots([h])
+    seen = []
+
+    def judges(job, text):
+        seen.append(slots._free[h.name])  # the host's slot while judging
+        return assess(job, text)
+
+    outcome = execute(Job(1, "9.2.0", "x86_64"), [h], slots=slots, judges=judges)
+    assert outcome.record.status == "ok", outcome.record.reasons
+    assert seen == [1], "the host was still held while its dump was judged"
+
+
+def test_the_embedded_dispatcher_judges_in_processes_with_many_slots(tmp_path):
+    from farm.dispatch import embedded
+    from farm.ledger import JobRecord, Ledger
+
+    hosts = standin_hosts(tmp_path, 3)
+    ledger = Ledger(tmp_path / "state")
+    work = []
+    for _ in range(3):
+        run = ledger.new_run("9.2.0", ["x86_64"], None, None, "embedded")
+        job = Job(run, "9.2.0", "x86_64")
+        ledger.add_job(JobRecord(job.id, run, job.arch, job.variant))
+        work.append((job, hosts))
+    records = embedded.dispatch(work, ledger)
+    assert [(r.status, r.verdict) for r in records] == [("ok", "real")] * 3
+    pool = Judges.for_slots(3)._pool
+    assert pool is not None and pool._processes, "the dumps were not judged in judging processes"
