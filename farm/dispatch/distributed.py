@@ -152,10 +152,20 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
         h for h in _served.values() if h.produces(arch, job.variant) and h.name in allowed and h.name not in tried
     ]
 
-    def say(message: str) -> None:
-        task.update_state(state="PROGRESS", meta={"message": message, "worker": task.request.hostname})
+    # Progress comes from the threads that talk to hosts (an SSH connection's reader, a local
+    # agent's stderr drain), where Celery's per-thread request is not this task's: the task's
+    # id and worker are taken here, in the task's own thread.
+    task_id, worker = task.request.id, task.request.hostname
+    where: dict[str, str | None] = {"host": None}
 
-    outcome = execute(job, candidates, say, _slots, judges=_judges[0])
+    def say(message: str) -> None:
+        task.update_state(task_id=task_id, state="PROGRESS",
+                          meta={"host": where["host"], "message": message, "worker": worker})
+
+    def started(job: Job, host) -> None:
+        where["host"] = host.name
+
+    outcome = execute(job, candidates, say, _slots, started, judges=_judges[0])
     if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)
@@ -262,11 +272,11 @@ def _look(job_id: str, result, ledger: Ledger, say, shown: dict) -> JobRecord | 
     state = result.state
     if state in ("STARTED", "PROGRESS", "RETRY"):
         info = result.info if isinstance(result.info, dict) else {}
-        message = info.get("message") or state.lower()
+        message = str(info.get("message") or state.lower())
         if shown.get(job_id) != message:
             shown[job_id] = message
-            if ": " in message:  # "<host>: <step>", as execute() reports
-                ledger.start_job(job_id, message.split(": ", 1)[0])
+            if isinstance(info.get("host"), str):
+                ledger.start_job(job_id, info["host"])
             say(job_id, message)
     elif state == "SUCCESS":
         return keep(ledger, Outcome.from_json(result.result))

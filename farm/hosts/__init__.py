@@ -8,6 +8,7 @@ SSH with a pinned host key.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -29,6 +30,15 @@ class Completed:
     stdout: str
     stderr: str
     timed_out: bool = False
+
+
+def tell(on_line: Callable[[str], None], line: str, host: str) -> None:
+    """Give a line of a host's output to its listener. The listener's failure is logged, never
+    raised: it must not kill the thread that reads the host (the reply would never be read)."""
+    try:
+        on_line(line)
+    except Exception:  # noqa: BLE001 - a listener's bug is not the host's
+        logging.getLogger(__name__).exception("host %s: the progress listener failed on %r", host, line[:200])
 
 
 class Transport(Protocol):

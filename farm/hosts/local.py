@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import Completed, HostError
+from farm.hosts import Completed, HostError, tell
 
 
 class LocalTransport:
@@ -54,7 +54,7 @@ class LocalTransport:
             for line in proc.stderr:
                 err_lines.append(line)
                 if on_line:
-                    on_line(line.rstrip("\n"))
+                    tell(on_line, line.rstrip("\n"), self.name)
 
         readers = [threading.Thread(target=f, daemon=True) for f in (drain_stdout, drain_stderr)]
         for r in readers:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from farm.hosts import Completed, HostError
+from farm.hosts import Completed, HostError, tell as _tell
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for the server's greeting
 
@@ -95,9 +98,9 @@ class AgentServer:
                 if call is None:
                     continue
                 if "line" in message:
-                    call.stderr.append(message["line"] + "\n")
+                    call.stderr.append(f"{message['line']}\n")
                     if call.on_line:
-                        call.on_line(message["line"])
+                        _tell(call.on_line, str(message["line"]), self.name)
                 elif "exit" in message:
                     call.result = Completed(call.argv, int(message["exit"]), message.get("stdout", ""),
                                             "".join(call.stderr))
@@ -105,6 +108,9 @@ class AgentServer:
             reason = "the agent server exited" + (f": {' | '.join(self._said)}" if self._said else "")
         except (OSError, EOFError) as e:
             reason = f"connection lost ({e or type(e).__name__})"
+        except Exception as e:  # noqa: BLE001 - whatever ends the reader must end the calls too
+            log.exception("host %s: reading the agent server's replies failed", self.name)
+            reason = f"reading the agent's replies failed: {type(e).__name__}: {e}"
         self._end(reason)
 
     def _end(self, reason: str) -> None:

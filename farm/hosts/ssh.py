@@ -24,7 +24,7 @@ from pathlib import Path
 
 import paramiko
 
-from farm.hosts import Completed, HostError
+from farm.hosts import Completed, HostError, tell
 
 CONNECT_TIMEOUT = 15.0  # seconds: TCP connect, SSH banner, authentication, opening a channel
 KEEPALIVE = 30  # seconds between keepalives, so a dead connection is noticed
@@ -229,7 +229,7 @@ class SSHTransport:
             for line in lines:
                 err.append(line + "\n")
                 if on_line:
-                    on_line(line)
+                    tell(on_line, line, self.name)
 
         def drain() -> bool:
             moved = False
