@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 from farm.errors import FarmError, UsageError
 
-OK, FINDINGS, USAGE = 0, 1, 2
+OK, FINDINGS, USAGE, OPERATIONAL = 0, 1, 2, 3
+INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return USAGE
+    signal.signal(signal.SIGTERM, _terminated)  # stopped like Ctrl-C: jobs stopped, the run resumable
     try:
         return args.func(args)
-    except FarmError as e:
+    except UsageError as e:
         print(f"farm: {e}", file=sys.stderr)
         return USAGE
+    except FarmError as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return OPERATIONAL
     except KeyboardInterrupt:
         print("farm: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         return OK
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 # --- farm replies -------------------------------------------------------------
@@ -307,13 +317,17 @@ def cmd_probe(args) -> int:
 
     inventory = resolve_inventory(args.inventory)
     ledger = _ledger()
-    with _JobProgress(enabled=not args.quiet) as progress:
-        record = probe(
-            inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=_broker(args),
-            progress=progress.update, on_start=progress.start,
-            only=[n.strip() for n in args.hosts.split(",") if n.strip()] if args.hosts else None,
-            qemu_ref=args.ref,
-        )
+    broker = _broker(args)
+    with _JobProgress(quiet=args.quiet) as progress:
+        try:
+            record = probe(
+                inventory, args.qemu, args.arch, ledger, args.variant, args.timeout, broker=broker,
+                progress=progress.update, on_start=progress.start,
+                only=[n.strip() for n in args.hosts.split(",") if n.strip()] if args.hosts else None,
+                qemu_ref=args.ref,
+            )
+        except KeyboardInterrupt:
+            return _interrupted(progress.run, broker)
     published = None
     if args.publish:
         published = _publish(args, record.id, progress=None if args.quiet else _say)
@@ -363,13 +377,45 @@ def cmd_runs_resume(args) -> int:
 
     ledger = _ledger()
     inventory = resolve_inventory(args.inventory or ledger.run(args.run).inventory_path)
-    with _JobProgress(enabled=not args.quiet) as progress:
-        record = resume(ledger, args.run, inventory, _broker(args), progress.update, progress.start)
+    broker = _broker(args)
+    with _JobProgress(quiet=args.quiet) as progress:
+        try:
+            record = resume(ledger, args.run, inventory, broker, progress.update, progress.start)
+        except KeyboardInterrupt:
+            return _interrupted(progress.run, broker)
     if args.json:
         _print_json({"run": record.id, "jobs": [_job_json(j) for j in record.jobs]})
     else:
         _print_run(record)
     return OK if all(j.status == "ok" for j in record.jobs) else FINDINGS
+
+
+def _interrupted(run: int | None, broker: str | None) -> int:
+    """Ctrl-C (or SIGTERM) of a run's driver: say what became of the run and how to finish it."""
+    if run is None:
+        print("farm: interrupted", file=sys.stderr)
+    elif broker:
+        print(f"farm: interrupted: the workers go on with run {run}'s jobs; collect their results with: "
+              f"farm runs resume {run}", file=sys.stderr)
+    else:
+        print(f"farm: interrupted: run {run}'s unfinished jobs were stopped; run them again with: "
+              f"farm runs resume {run}", file=sys.stderr)
+    return INTERRUPTED
+
+
+def cmd_runs_cancel(args) -> int:
+    from farm.run import cancel
+
+    ledger = _ledger()
+    jobs = cancel(ledger, args.run, args.jobs or None, _broker(args))
+    if args.json:
+        _print_json({"run": args.run, "cancelled": [_job_json(j) | {"id": j.id} for j in jobs]})
+    elif not jobs:
+        print(f"run {args.run}: no unfinished job to cancel")
+    else:
+        for j in jobs:
+            print(f"{j.id}: cancelled")
+    return OK
 
 
 def cmd_worker(args) -> int:
@@ -518,11 +564,14 @@ def cmd_runs_show(args) -> int:
 
 
 class _JobProgress:
-    """Live progress of a run's jobs on stderr (rich), one line per job."""
+    """Live progress of a run's jobs on stderr: on a terminal a rich line per job, else a line per
+    step; nothing with ``quiet``."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and sys.stderr.isatty()
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.enabled = not quiet and sys.stderr.isatty()
         self.tasks: dict[str, object] = {}
+        self.run: int | None = None
 
     def __enter__(self):
         if self.enabled:
@@ -541,6 +590,9 @@ class _JobProgress:
             self.progress.__exit__(*exc)
 
     def start(self, run: int, jobs) -> None:
+        self.run = run
+        if self.quiet:
+            return
         if not self.enabled:
             print(f"farm: run {run}: {len(jobs)} job(s)", file=sys.stderr)
             return
@@ -548,6 +600,8 @@ class _JobProgress:
             self.tasks[job.id] = self.progress.add_task("waiting", job=job.id, total=None)
 
     def update(self, job_id: str, message: str) -> None:
+        if self.quiet:
+            return
         if not self.enabled:
             print(f"farm: {job_id}: {message}", file=sys.stderr)
         elif job_id in self.tasks:
@@ -654,6 +708,17 @@ def _publish_options(p) -> None:
     p.add_argument("--tests", metavar="NAME,...", help="capability tests to regenerate (default: all of the tree's)")
 
 
+def _positive(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -711,7 +776,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", metavar="V", help="a dump variant, e.g. amdsev (hosts that list it)")
     p.add_argument("--hosts", metavar="NAME,...", help="only these hosts (distributed: sent to their own queues)")
     inventory_option(p)
-    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per probe (default 600)")
+    p.add_argument("--timeout", type=_positive, default=600.0, metavar="SECONDS", help="per probe (default 600)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
     p.add_argument("--publish", action="store_true", help="publish the run's dumps afterwards (as farm publish)")
@@ -772,4 +837,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", metavar="FILE", help="default: the run's own inventory")
     p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p = command(rsub, "cancel", cmd_runs_cancel, "cancel a run's unfinished jobs (all, or the named ones): "
+                "recorded cancelled, stopped on their hosts")
+    p.add_argument("run", type=int, metavar="RUN")
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="job ids (run-3-x86_64) or arch[+variant] columns "
+                   "(default: every unfinished job)")
+    p.add_argument("--broker", metavar="URL", help="default: $FARM_BROKER_URL (needed for a distributed run)")
     return parser

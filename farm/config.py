@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         3, ge=0, description="Times a job is handed to another host of its arch after an infrastructure failure."
     )
+    worker_grace: int = Field(
+        60, ge=0, description="Seconds a farm worker told to stop (SIGTERM) gives its running jobs to finish; "
+        "then it stops them on their hosts and hands them back to the queue, for another worker.",
+    )
     quarantine_after: int = Field(
         3, ge=1, description="Consecutive infrastructure failures after which a host is quarantined "
         "(until farm hosts release NAME).",

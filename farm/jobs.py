@@ -32,7 +32,7 @@ from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
-from farm.hosts import HostError, transport_for
+from farm.hosts import Cancellation, Cancelled, HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
 from farm.ledger import JobRecord, Ledger
 
@@ -126,9 +126,10 @@ class HostSlots:
                 self._size.setdefault(h.name, h.max_jobs)
 
     @contextlib.contextmanager
-    def take(self, hosts: list) -> Iterator[tuple]:
+    def take(self, hosts: list, cancel: Cancellation | None = None) -> Iterator[tuple]:
         """(a host of ``hosts`` with its slot held, a function giving the slot back early);
-        (None, ...) if ``hosts`` is empty. The slot is given back at the latest at the end."""
+        (None, ...) if ``hosts`` is empty. The slot is given back at the latest at the end.
+        A job cancelled while it waits in line leaves the line (``Cancelled``)."""
         if not hosts:
             yield None, lambda: None
             return
@@ -141,7 +142,15 @@ class HostSlots:
                 turn = ({h.name: h for h in hosts}, threading.Event(), [])
                 self._line.append(turn)
         if not free:
-            turn[1].wait()
+            with cancel.on_cancel(turn[1].set) if cancel else contextlib.nullcontext():
+                turn[1].wait()
+            with self._lock:
+                given = bool(turn[2])
+                if not given:  # woken by the cancel: out of the line
+                    self._line.remove(turn)
+            if not given:
+                assert cancel is not None
+                cancel.check()
             host = turn[2][0]
         held = [True]
 
@@ -165,38 +174,54 @@ class HostSlots:
 
 
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
-            slots: HostSlots | None = None, on_start: Callable | None = None, judges: Judges | None = None) -> Outcome:
+            slots: HostSlots | None = None, on_start: Callable | None = None, judges: Judges | None = None,
+            attempts: int | None = None, earlier: list[tuple[str, str, str]] | None = None,
+            cancel: Cancellation | None = None) -> Outcome:
     """Run a job on a host that can do it, trying another host of the same arch
-    after an infrastructure failure, each host once.
+    after an infrastructure failure, each host once, at most ``attempts`` hosts.
 
     ``slots`` (shared by the jobs of a dispatcher) decides which host and when;
-    ``on_start(job, host)`` is told when an attempt starts; ``judges`` assess the dumps.
+    ``on_start(job, host)`` is told when an attempt starts; ``judges`` assess the dumps;
+    ``earlier``: the (host, status, first reason) of attempts made by earlier deliveries of the
+    job (another worker), which the reasons of a job failed everywhere name too; ``cancel``
+    ends the job (status ``cancelled``) wherever it is.
     """
     say = progress or (lambda message: None)
     slots = slots or HostSlots(hosts)
-    if not hosts:
-        record = JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time())
-        record.reasons = [f"no healthy host can probe {column(job.arch, job.variant)} "
-                          "(quarantined hosts: farm hosts release NAME)"]
-        return Outcome(record)
-    tried: list[str] = []
-    attempts: list[tuple[str, str, str]] = []
-    while True:
-        with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts}]) as (host, release):
-            if host is None:
-                break
-            if on_start:
-                on_start(job, host)
-            outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"), judges, host_done=release)
+    earlier = list(earlier or [])
+    attempts_made: list[tuple[str, str, str]] = []
+    outcome = None
+    while attempts is None or len(attempts_made) < attempts:
+        try:
+            with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts_made}], cancel) as (
+                    host, release):
+                if host is None:
+                    break
+                if on_start:
+                    on_start(job, host)
+                outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"), judges, host_done=release,
+                                  cancel=cancel)
+        except Cancelled as e:  # cancelled while waiting for a host
+            outcome = Outcome(JobRecord(job.id, job.run, job.arch, job.variant, status="cancelled", reasons=[str(e)],
+                                        started=time.time(), finished=time.time()))
+            break
         r = outcome.record
-        attempts.append((host.name, r.status, r.reasons[0] if r.reasons else ""))
-        tried.append(f"{host.name}: {'; '.join(r.reasons)}")
+        attempts_made.append((host.name, r.status, "; ".join(r.reasons)))
         if r.status not in RETRYABLE:
             break
         say(f"{host.name}: {r.status}")
-    if outcome.record.status in RETRYABLE and len(tried) > 1:
-        outcome.record.reasons = [f"all {len(tried)} hosts of {job.arch} failed"] + tried
-    outcome.attempts = attempts
+    if outcome is None:
+        outcome = Outcome(JobRecord(job.id, job.run, job.arch, job.variant, status="failed", started=time.time(),
+                                    finished=time.time()))
+        outcome.record.reasons = [f"no healthy host can probe {column(job.arch, job.variant)} "
+                                  "(quarantined hosts: farm hosts release NAME)"]
+    tried = earlier + attempts_made
+    if len(tried) > 1 and (outcome.record.status in RETRYABLE or not attempts_made):
+        outcome.record.reasons = [f"all {len(tried)} hosts of {column(job.arch, job.variant)} failed"] + [
+            f"{host}: {reason}" for host, _, reason in tried]
+    elif earlier and not attempts_made:  # the one host that could, tried by an earlier delivery
+        outcome.record.status, outcome.record.reasons = earlier[0][1], [earlier[0][2]]
+    outcome.attempts = [(host, status, reason.split("; ")[0]) for host, status, reason in attempts_made]
     return outcome
 
 
@@ -206,7 +231,7 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
     for host, status, reason in outcome.attempts:
         if status in RETRYABLE:
             ledger.host_failed(host, reason)
-        else:
+        elif status != "cancelled":  # a cancelled job says nothing of its host
             ledger.host_seen(host)
     r = outcome.record
     if outcome.dump is not None and outcome.name:
@@ -215,7 +240,7 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
 
 
 def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judges: Judges | None = None,
-            host_done: Callable[[], None] | None = None) -> Outcome:
+            host_done: Callable[[], None] | None = None, cancel: Cancellation | None = None) -> Outcome:
     """Probe ``job`` on ``host`` once and return how it ended (nothing recorded). The dump is
     assessed by ``judges`` (default: in this thread) after ``host_done()`` said that the host's
     part is over (its slot can take the next job meanwhile)."""
@@ -230,7 +255,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
     outcome = Outcome(record)
     try:
         qemu_args = _qemu_args(host, job)
-        agent = Agent(transport_for(host), host, say)
+        agent = Agent(transport_for(host), host, say, cancel)
         say(f"toolchain (libvirt {host.toolchain.libvirt}, QEMU {host.toolchain.qemu}) and probe")
         try:
             reply = agent.job(
@@ -268,6 +293,8 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
         outcome.name = str(_judge(job, record, (judges or assess)(job, outcome.dump), reply["facts"], provenance))
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
+    except Cancelled as e:
+        record.status, record.reasons = "cancelled", [str(e)]
     except HostError as e:
         record.status, record.reasons = "failed", [str(e)]
     record.finished = time.time()

@@ -9,17 +9,22 @@ good one.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import platform
 import shutil
 import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -31,6 +36,8 @@ CREATE TABLE IF NOT EXISTS runs (
     mode TEXT NOT NULL DEFAULT 'embedded',
     timeout REAL,
     qemu_ref TEXT,
+    driver TEXT,
+    heartbeat REAL,
     status TEXT NOT NULL DEFAULT 'running',
     created REAL NOT NULL,
     finished REAL
@@ -77,7 +84,45 @@ CREATE INDEX IF NOT EXISTS publications_run ON publications(run);
 """
 
 # statuses a job ends in; 'pending' and 'running' are not final
-FINAL = ("ok", "fake", "invalid", "wrong-version", "failed", "timeout")
+FINAL = ("ok", "fake", "invalid", "wrong-version", "failed", "timeout", "cancelled")
+
+
+HEARTBEAT = 2.0  # seconds between a run driver's heartbeats
+STALE = 30.0  # seconds without a heartbeat after which a run's driver is taken for dead
+
+
+def run_status(row: sqlite3.Row, moved: float) -> str:
+    """A run's status as users see it, from its ``runs`` row and the latest start of one of its
+    jobs: a run stored 'running' whose driver is dead is 'interrupted' (dead: no heartbeat for
+    STALE seconds, or its pid gone on this machine; a run from before heartbeats: no job started
+    for an hour)."""
+    if row["status"] != "running":
+        return str(row["status"])
+    if row["heartbeat"] is None:
+        return "running" if time.time() - max(moved, row["created"]) < 3600 else "interrupted"
+    driver = _driver(row)
+    return "running" if driver and _driver_alive(row["heartbeat"], driver) else "interrupted"
+
+
+def _driver(row: sqlite3.Row) -> dict | None:
+    try:
+        driver = json.loads(row["driver"]) if row["driver"] else None
+    except ValueError:
+        return None
+    return driver if isinstance(driver, dict) else None
+
+
+def _driver_alive(heartbeat: float | None, driver: dict) -> bool:
+    if heartbeat is None or time.time() - heartbeat > STALE:
+        return False
+    if driver.get("node") == platform.node() and isinstance(driver.get("pid"), int):
+        try:
+            os.kill(driver["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
 
 
 @dataclass
@@ -225,6 +270,9 @@ class Ledger:
                 db.execute("ALTER TABLE runs ADD COLUMN timeout REAL")
             if "qemu_ref" not in columns:  # before runs could build a git ref of QEMU
                 db.execute("ALTER TABLE runs ADD COLUMN qemu_ref TEXT")
+            if "driver" not in columns:  # before runs knew the process driving them
+                db.execute("ALTER TABLE runs ADD COLUMN driver TEXT")
+                db.execute("ALTER TABLE runs ADD COLUMN heartbeat REAL")
             if "log" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
                 db.execute("ALTER TABLE jobs ADD COLUMN log TEXT NOT NULL DEFAULT '[]'")  # before job logs
 
@@ -275,34 +323,66 @@ class Ledger:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run,)).fetchone()
         if row is None:
             raise UsageError(f"no run {run} in {self.path}")
-        record = self._run_record(row)
-        record.jobs = self.jobs(run)
-        if record.status == "running" and not self._alive(record):
-            record.status = "interrupted"
-        return record
+        return self._with_jobs(row)
 
     def runs(self, limit: int = 50) -> list[RunRecord]:
         with self._db() as db:
             rows = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        records = []
-        for row in rows:
-            record = self._run_record(row)
-            record.jobs = self.jobs(record.id)
-            records.append(record)
-        return records
+        return [self._with_jobs(row) for row in rows]
+
+    def _with_jobs(self, row: sqlite3.Row) -> RunRecord:
+        record = self.run_record(row)
+        record.jobs = self.jobs(record.id)
+        record.status = run_status(row, max([j.started or 0 for j in record.jobs], default=0))
+        return record
 
     @staticmethod
-    def _run_record(row: sqlite3.Row) -> RunRecord:
+    def run_record(row: sqlite3.Row) -> RunRecord:
+        """A row of ``runs`` as a record (without its jobs; the status as stored)."""
         return RunRecord(
             row["id"], row["qemu"], json.loads(row["archs"]), row["variant"], row["inventory"],
             row["mode"], row["status"], row["created"], row["finished"], row["timeout"], row["qemu_ref"],
         )
 
-    @staticmethod
-    def _alive(record: RunRecord) -> bool:
-        """A run still 'running' whose jobs have all stopped moving for an hour is interrupted."""
-        stamps = [j.started or 0 for j in record.jobs] + [record.created]
-        return time.time() - max(stamps) < 3600
+    def driver(self, run: int) -> dict | None:
+        """The live process driving ``run`` ({"pid", "node"}), or None when none is."""
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run,)).fetchone()
+        if row is None or row["status"] != "running":
+            return None
+        driver = _driver(row)
+        return driver if driver and _driver_alive(row["heartbeat"], driver) else None
+
+    @contextmanager
+    def driving(self, run: int, watch: Callable[[], None] | None = None) -> Iterator[None]:
+        """This process drives ``run`` for the block: its pid and node, and a heartbeat every
+        HEARTBEAT seconds, are in the ledger, so that `farm runs show` says `interrupted` soon
+        after the process died and `farm runs resume` refuses a run still driven. ``watch`` is
+        called at every beat (the embedded dispatcher looks for cancelled jobs there)."""
+        me = json.dumps({"pid": os.getpid(), "node": platform.node()})
+        with self._db() as db:
+            db.execute("UPDATE runs SET driver = ?, heartbeat = ? WHERE id = ?", (me, time.time(), run))
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT):
+                try:
+                    with self._db() as db:
+                        db.execute("UPDATE runs SET heartbeat = ? WHERE id = ?", (time.time(), run))
+                    if watch:
+                        watch()
+                except Exception:  # noqa: BLE001 - a missed beat is not the run's end
+                    log.exception("run %s: heartbeat", run)
+
+        beater = threading.Thread(target=beat, name=f"farm-run-{run}-heartbeat", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beater.join()
+            with self._db() as db:
+                db.execute("UPDATE runs SET driver = NULL WHERE id = ? AND driver = ?", (run, me))
 
     # --- jobs -------------------------------------------------------------------------
 

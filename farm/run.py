@@ -8,7 +8,9 @@ from collections.abc import Callable
 from farm.caps.arch import Architecture
 from farm.caps.names import column, parse_variant
 from farm.caps.version import QemuVersion
+from farm.config import settings
 from farm.errors import UsageError
+from farm.hosts import Cancellation
 from farm.inventory import git_ref_problem
 from farm.jobs import PROBE_TIMEOUT, Job
 from farm.ledger import JobRecord, Ledger, RunRecord
@@ -64,6 +66,10 @@ def probe(
     if qemu_ref is not None and (problem := git_ref_problem(qemu_ref)):
         raise UsageError(f"bad QEMU git ref {qemu_ref!r} (--ref): {problem}")
     work = plan(inventory, arch_spec, variant, only, qemu_ref)
+    if timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    if broker:
+        settings().redelivery_after  # noqa: B018 - a bad FARM_VISIBILITY_TIMEOUT stops us before the run exists
     mode = "distributed" if broker else "embedded"
     run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout, qemu_ref)
     jobs = [
@@ -94,6 +100,11 @@ def resume(
     record = ledger.run(run)
     if record.mode == "distributed" and not broker:
         raise UsageError(f"run {run} ran on Celery: give --broker or FARM_BROKER_URL to resume it")
+    if (driver := ledger.driver(run)) is not None:
+        raise UsageError(f"run {run} is still driven by process {driver.get('pid')} on {driver.get('node')}: "
+                         f"wait for it, or stop it with farm runs cancel {run}")
+    if record.mode == "distributed":
+        settings().redelivery_after  # noqa: B018 - checked before anything moves
     timeout = record.timeout or PROBE_TIMEOUT
     jobs = []
     for j in record.jobs:
@@ -115,15 +126,51 @@ def _healthy(ledger: Ledger, hosts: list) -> list:
     return [h for h in hosts if h.name not in quarantined]
 
 
+def cancel(ledger: Ledger, run: int, which: list[str] | None = None, broker: str | None = None) -> list[JobRecord]:
+    """Cancel a run's unfinished jobs (``which``: job ids or arch[+variant] columns; default all):
+    each is recorded ``cancelled`` at once, the process driving the run stops it (it watches the
+    ledger), and, for a distributed run, the workers are told to stop it and drop it from their
+    queues. The jobs cancelled."""
+    record = ledger.run(run)
+    if record.mode == "distributed" and not broker:
+        raise UsageError(f"run {run} runs on Celery: give --broker or FARM_BROKER_URL to cancel it")
+    known = {j.id for j in record.jobs} | {column(j.arch, j.variant) for j in record.jobs}
+    unknown = [w for w in which or [] if w not in known]
+    if unknown:
+        raise UsageError(f"run {run} has no job {', '.join(unknown)} (its jobs: "
+                         f"{', '.join(column(j.arch, j.variant) for j in record.jobs)})")
+    chosen = [j for j in record.jobs if not j.final
+              and (not which or j.id in which or column(j.arch, j.variant) in which)]
+    reason = "cancelled (farm runs cancel)"
+    for j in chosen:
+        ledger.finish_job(JobRecord(j.id, j.run, j.arch, j.variant, j.host, status="cancelled", reasons=[reason],
+                                    started=j.started, log=j.log))
+    if chosen and record.mode == "distributed":
+        from farm.dispatch import distributed
+
+        distributed.cancel(broker, [j.id for j in chosen], reason)
+    if ledger.driver(run) is None:
+        ledger.finish_run(run)
+    return [ledger.job(j.id) for j in chosen]
+
+
 def _dispatch(run: int, jobs, ledger: Ledger, broker: str | None, progress, resume: bool = False) -> None:
+    cancels = {job.id: Cancellation() for job, _ in jobs}
+
+    def watch() -> None:  # jobs ended by someone else (farm runs cancel) are stopped here
+        for j in ledger.jobs(run):
+            if j.final and j.id in cancels and not cancels[j.id].cancelled:
+                cancels[j.id].cancel("; ".join(j.reasons) or f"the job is {j.status}")
+
     try:
-        if broker:
-            from farm.dispatch import distributed
+        with ledger.driving(run, watch):
+            if broker:
+                from farm.dispatch import distributed
 
-            distributed.dispatch(jobs, ledger, broker, progress, resume=resume)
-        else:
-            from farm.dispatch import embedded
+                distributed.dispatch(jobs, ledger, broker, progress, resume=resume, cancels=cancels)
+            else:
+                from farm.dispatch import embedded
 
-            embedded.dispatch(jobs, ledger, progress)
+                embedded.dispatch(jobs, ledger, progress, cancels)
     finally:
         ledger.finish_run(run)

@@ -15,18 +15,24 @@ another worker, up to ``max_retries``. A fake or invalid dump is a result.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
 import time
 from collections.abc import Callable
 
 import celery.exceptions
+import celery.states
 import kombu.exceptions
 import redis.exceptions
 from celery import Celery
+from celery.signals import worker_shutting_down
+from celery.worker.control import control_command
 
 from farm.caps.arch import Architecture
 from farm.caps.names import column
 from farm.config import settings
-from farm.errors import FarmError
+from farm.errors import FarmError, OperationalError
+from farm.hosts import Cancellation
 from farm.jobs import RETRYABLE, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
@@ -44,6 +50,12 @@ BROKER_ERRORS = (
     celery.exceptions.BackendError,
 )
 
+CANCEL = "farm_cancel"  # the remote control command that stops jobs where they run
+log = logging.getLogger(__name__)
+
+# The jobs this worker process runs now, and those a stopping worker hands back to the queue.
+_running: dict[str, Cancellation] = {}
+_handed_back: set[str] = set()
 # The hosts this worker process serves, and their job slots (max_jobs each).
 _served: dict[str, object] = {}
 _slots = HostSlots([])
@@ -90,7 +102,7 @@ def make_app(broker: str) -> Celery:
         }
     except FarmError:
         pass
-    app.task(name=TASK, bind=True, max_retries=s.max_retries)(_probe)
+    app.task(name=TASK, bind=True, max_retries=None)(_probe)  # retries: _probe counts them
     app.task(name=NIGHTLY, bind=True, acks_late=True, time_limit=NIGHTLY_TIME_LIMIT)(_nightly)
     return app
 
@@ -143,15 +155,18 @@ def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coor
     ])
 
 
-def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict:
+def _probe(task, job_fields: dict, allowed: list[str], tried: list) -> dict:
     """The Celery task: run one job on one of this worker's hosts of its arch that the
-    coordinator allows (not quarantined) and no earlier delivery tried."""
+    coordinator allows (not quarantined) and no earlier delivery tried. ``tried``: the
+    [host, status, reason] of the earlier deliveries' attempts. A job is tried on at most
+    1 + FARM_MAX_RETRIES hosts in all, as in the embedded dispatcher."""
     job = Job(**job_fields)
     arch = Architecture.parse(job.arch)
+    earlier = [(str(h), str(status), str(reason)) for h, status, reason in tried]
+    done = {h for h, _, _ in earlier}
     candidates = [
-        h for h in _served.values() if h.produces(arch, job.variant) and h.name in allowed and h.name not in tried
+        h for h in _served.values() if h.produces(arch, job.variant) and h.name in allowed and h.name not in done
     ]
-
     # Progress comes from the threads that talk to hosts (an SSH connection's reader, a local
     # agent's stderr drain), where Celery's per-thread request is not this task's: the task's
     # id and worker are taken here, in the task's own thread.
@@ -165,11 +180,51 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list[str]) -> dict
     def started(job: Job, host) -> None:
         where["host"] = host.name
 
-    outcome = execute(job, candidates, say, _slots, started, judges=_judges[0])
-    if outcome.record.status in RETRYABLE and task.request.retries < task.max_retries:
+    attempts = 1 + settings().max_retries
+    _running[job.id] = cancel = Cancellation()
+    try:
+        outcome = execute(job, candidates, say, _slots, started, _judges[0], attempts - len(earlier), earlier, cancel)
+    finally:
+        del _running[job.id]
+    if job.id in _handed_back and outcome.record.status == "cancelled":
+        _handed_back.discard(job.id)
+        log.warning("%s: handed back to the queue (this worker is stopping)", job.id)
+        raise task.retry(args=[job_fields, allowed, tried], countdown=0)
+    tried_now = earlier + [(h, status, reason) for h, status, reason in outcome.attempts]
+    others = set(allowed) - {h for h, _, _ in tried_now}
+    if outcome.record.status in RETRYABLE and outcome.attempts and len(tried_now) < attempts and others:
         say(f"{outcome.record.status}: handing the job to another host")
-        raise task.retry(args=[job_fields, allowed, tried + [h.name for h in candidates]], countdown=1)
+        raise task.retry(args=[job_fields, allowed, [list(t) for t in tried_now]], countdown=1)
     return outcome.to_json()
+
+
+@control_command(args=[("job_ids", list), ("reason", str)], signature="JOB_IDS REASON")
+def farm_cancel(state, job_ids: list, reason: str = "cancelled") -> dict:
+    """Remote control command: stop these jobs where this worker runs them (they end `cancelled`)."""
+    hit = [job_id for job_id in job_ids if job_id in _running]
+    for job_id in hit:
+        _running[job_id].cancel(str(reason))
+    return {"ok": f"cancelled {len(hit)} job(s)"}
+
+
+@worker_shutting_down.connect
+def _stopping(sig=None, how=None, exitcode=None, **kwargs) -> None:
+    """A worker told to stop gives its jobs FARM_WORKER_GRACE seconds (none when told to stop at
+    once), then stops the rest on their hosts and hands them back to the queue: never lost,
+    never run to completion twice."""
+    grace = 0 if how == "Cold" else settings().worker_grace
+    if _running:
+        log.warning("stopping: %d job(s) running, %d s to finish before they are handed back", len(_running), grace)
+    threading.Thread(target=_hand_back, args=(grace,), name="farm-hand-back", daemon=True).start()
+
+
+def _hand_back(grace: float) -> None:
+    deadline = time.monotonic() + grace
+    while _running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for job_id, cancel in list(_running.items()):
+        _handed_back.add(job_id)
+        cancel.cancel("the worker stopped before the job ended (handed back to the queue)")
 
 
 def _nightly(task) -> dict:
@@ -206,23 +261,26 @@ def dispatch(
     broker: str,
     progress: Callable[[str, str], None] | None = None,
     resume: bool = False,
+    cancels: dict[str, Cancellation] | None = None,
 ) -> list[JobRecord]:
     """Send each job to its arch's queue and wait for all of them.
 
-    Resuming, a job a worker finished or still works on is not sent again;
-    one Redis does not know (lost with a restarted Redis) is.
+    Resuming, a job a worker finished is collected and one a live worker still works on is
+    waited for, not sent again; one Redis does not know (lost with a restarted Redis) is sent.
+    A job no live worker can take fails at once, naming its queue. ``cancels`` (by job id):
+    a cancelled job is not waited for (`farm runs cancel` recorded it and told the workers).
     """
     app = make_app(broker)
     live = live_queues(app)
     sent = {}
     for job, hosts in work:
-        if resume:
-            known = app.AsyncResult(job.id)
-            if known.state != "PENDING":
-                sent[job.id] = known
-                continue
         queue = arch_queue(job.arch, job.variant)
         served = [h.name for h in hosts if host_queue(h.name) in live]
+        if resume:
+            known = app.AsyncResult(job.id)
+            if known.state in celery.states.READY_STATES or (known.state != "PENDING" and served):
+                sent[job.id] = known
+                continue
         if not served:
             why = "no healthy host" if not hosts else "no live worker serves a healthy host"
             keep(ledger, _failed(job, f"{why} of {queue} (start one: farm worker --hosts HOST,...)"))
@@ -230,20 +288,38 @@ def dispatch(
         if job.targeted:  # the host's own queue: the worker serving it takes the job
             queue = host_queue(served[0])
         sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue, task_id=job.id)
-    return wait(app, sent, ledger, progress)
+    return wait(app, sent, ledger, progress, cancels or {})
 
 
-def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str], None] | None = None) -> list[JobRecord]:
+def cancel(broker: str, job_ids: list[str], reason: str) -> None:
+    """Tell the workers to stop these jobs: revoked (a worker drops them from its queue) and
+    cancelled where they run (the ``farm_cancel`` remote control command)."""
+    app = make_app(broker)
+    try:
+        app.control.revoke(job_ids)
+        app.control.broadcast(CANCEL, arguments={"job_ids": job_ids, "reason": reason})
+    except BROKER_ERRORS as e:
+        raise OperationalError(f"broker unreachable ({e}): the jobs are recorded cancelled, "
+                               "but the workers were not told; they finish them, and the results are dropped") from None
+
+
+def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str], None] | None = None,
+         cancels: dict[str, Cancellation] | None = None) -> list[JobRecord]:
     """Poll results until every sent job is done; keep each in the ledger as it ends.
 
     While the broker is unreachable (a Redis restart) it keeps trying for
     ``BROKER_PATIENCE`` seconds, then stops with an error naming `farm runs resume`.
     """
     say = progress or (lambda job_id, message: None)
+    cancels = cancels or {}
     done: list[JobRecord] = []
     shown: dict[str, str] = {}
     unreachable_since = None
     while sent:
+        for job_id in [j for j in sent if j in cancels and cancels[j].cancelled]:
+            del sent[job_id]
+            done.append(ledger.job(job_id))
+            say(job_id, f"cancelled: {cancels[job_id].reason}")
         try:
             for job_id, result in list(sent.items()):
                 record = _look(job_id, result, ledger, say, shown)
@@ -256,8 +332,8 @@ def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str],
             unreachable_since = unreachable_since or now
             if now - unreachable_since > BROKER_PATIENCE:
                 run = ledger.job(next(iter(sent))).run
-                raise FarmError(f"broker unreachable for {BROKER_PATIENCE} s ({e}); "
-                                f"the workers go on: collect with farm runs resume {run}") from None
+                raise OperationalError(f"broker unreachable for {BROKER_PATIENCE} s ({e}); "
+                                       f"the workers go on: collect with farm runs resume {run}") from None
             for job_id in sent:
                 if shown.get(job_id) != "broker unreachable":
                     shown[job_id] = "broker unreachable"

@@ -8,18 +8,19 @@ SSH with a pinned host key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from farm.errors import FarmError
+from farm.errors import FarmError, OperationalError
 
 
-class HostError(FarmError):
+class HostError(OperationalError):
     """A host could not be reached or did not do what it was asked (an infrastructure failure)."""
 
 
@@ -30,6 +31,60 @@ class Completed:
     stdout: str
     stderr: str
     timed_out: bool = False
+
+
+class Cancelled(FarmError):
+    """A job was cancelled (``farm runs cancel``, a stopping worker, an interrupted CLI): not the host's fault."""
+
+
+class Cancellation:
+    """A job's cancel switch, shared by the threads that work for the job. What the job waits on
+    (an agent's reply, a local process, a host slot) registers how to stop waiting with
+    ``on_cancel``; ``cancel(reason)`` runs those hooks once, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+        self.reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            hooks = list(self._hooks)
+        for hook in hooks:
+            _quietly(hook)
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` if the job was cancelled."""
+        if self.reason is not None:
+            raise Cancelled(self.reason)
+
+    @contextlib.contextmanager
+    def on_cancel(self, hook: Callable[[], None]) -> Iterator[None]:
+        """Run ``hook`` when the job is cancelled while the block runs (at once if it already is)."""
+        with self._lock:
+            self._hooks.append(hook)
+            now = self.reason is not None
+        if now:
+            _quietly(hook)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._hooks.remove(hook)
+
+
+def _quietly(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except Exception:  # noqa: BLE001 - a hook that fails must not stop the others
+        logging.getLogger(__name__).exception("cancelling: a hook failed")
 
 
 def tell(on_line: Callable[[str], None], line: str, host: str) -> None:
@@ -45,7 +100,8 @@ class Transport(Protocol):
     name: str
 
     def run(
-        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None
+        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None,
+        cancel: Cancellation | None = None,
     ) -> Completed: ...
 
     def put(self, local: Path, remote: str) -> None: ...

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import HostError, Transport
+from farm.hosts import Cancellation, HostError, Transport
 from farm.hosts.server import AgentServer
 
 AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
@@ -67,10 +67,12 @@ class Agent:
     host over SSH through the agent server of the connection (farm.hosts.server: started
     once, a fork per call), on this machine as a process of its own."""
 
-    def __init__(self, transport: Transport, host, progress: Callable[[str], None] | None = None):
+    def __init__(self, transport: Transport, host, progress: Callable[[str], None] | None = None,
+                 cancel: Cancellation | None = None):
         self.transport = transport
         self.host = host
         self.progress = progress
+        self.cancel = cancel  # a job's: cancelling it stops what the agent runs for the job
         self.python = host.agent_python
         cache = host.toolchain.cache_dir
         if host.transport == "local":
@@ -148,9 +150,10 @@ class Agent:
 
     def call(self, *args: str, timeout: float = FACTS_TIMEOUT, check: bool = True) -> dict:
         if hasattr(self.transport, "start"):
-            done = self._server().call(list(args), timeout=timeout, on_line=self._progress)
+            done = self._server().call(list(args), timeout=timeout, on_line=self._progress, cancel=self.cancel)
         else:
-            done = self.transport.run([self.python, self.path, *args], timeout=timeout, on_line=self._progress)
+            done = self.transport.run([self.python, self.path, *args], timeout=timeout, on_line=self._progress,
+                                      cancel=self.cancel)
         what = f"host {self.host.name!r}: agent {args[0]}"
         if done.timed_out:
             raise HostError(f"{what}: no answer within {timeout:.0f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -11,7 +12,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import Completed, HostError, tell
+from farm.hosts import Cancellation, Completed, HostError, tell
 
 
 class LocalTransport:
@@ -29,7 +30,8 @@ class LocalTransport:
                 raise HostError(f"host {name!r}: running the agent as {self.user!r} needs root")
 
     def run(
-        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None
+        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None,
+        cancel: Cancellation | None = None,
     ) -> Completed:
         if self.user:
             argv = ["runuser", "-u", self.user, "--", *argv]
@@ -60,13 +62,16 @@ class LocalTransport:
         for r in readers:
             r.start()
         timed_out = False
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
+        with cancel.on_cancel(lambda: _kill_group(proc)) if cancel else contextlib.nullcontext():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _kill_group(proc)
         for r in readers:
             r.join(10)
+        if cancel:
+            cancel.check()
         return Completed(list(argv), proc.returncode, "".join(out_chunks), "".join(err_lines), timed_out)
 
     def put(self, local: Path, remote: str) -> None:

@@ -10,6 +10,7 @@ connection goes away, the calls waiting on it fail as a lost connection would.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from farm.hosts import Completed, HostError, tell as _tell
+from farm.hosts import Cancellation, Completed, HostError, tell as _tell
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ class AgentServer:
             self.close()
 
     def call(self, argv: list[str], timeout: float | None = None,
-             on_line: Callable[[str], None] | None = None) -> Completed:
-        """Run ``argv`` (a subcommand and its arguments) on the server; like ``Transport.run``."""
+             on_line: Callable[[str], None] | None = None, cancel: Cancellation | None = None) -> Completed:
+        """Run ``argv`` (a subcommand and its arguments) on the server; like ``Transport.run``.
+        Cancelled, the request is cancelled on the host (its processes stopped) and
+        ``Cancelled`` raised."""
         call = _Call(list(argv), on_line)
         request = next(self._ids)
         with self._calls_lock:
@@ -140,9 +143,13 @@ class AgentServer:
                 raise HostError(f"host {self.name!r}: {self.dead}")
             self._calls[request] = call
         self._send({"id": request, "argv": call.argv})
-        finished = call.done.wait(timeout)
+        with cancel.on_cancel(call.done.set) if cancel else contextlib.nullcontext():
+            finished = call.done.wait(timeout)
         with self._calls_lock:
             self._calls.pop(request, None)
+        if cancel and cancel.cancelled and call.result is None:
+            self._send({"id": request, "cancel": True})
+            cancel.check()
         if not finished:
             self._send({"id": request, "cancel": True})
             return Completed(call.argv, -1, "", "".join(call.stderr), timed_out=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import paramiko
 
-from farm.hosts import Completed, HostError, tell
+from farm.hosts import Cancellation, Completed, HostError, tell
 
 CONNECT_TIMEOUT = 15.0  # seconds: TCP connect, SSH banner, authentication, opening a channel
 KEEPALIVE = 30  # seconds between keepalives, so a dead connection is noticed
@@ -176,7 +176,8 @@ class SSHTransport:
     # -- commands ---------------------------------------------------------------------
 
     def run(
-        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None
+        self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None,
+        cancel: Cancellation | None = None,
     ) -> Completed:
         """Run ``argv`` on the host, stdout collected, stderr lines streamed to ``on_line``.
 
@@ -194,7 +195,15 @@ class SSHTransport:
             except (paramiko.SSHException, EOFError, OSError) as e:
                 self._drop()
                 raise self._fail(f"cannot run {argv[0]}: {e or type(e).__name__}") from None
-            return self._collect(channel, list(argv), timeout, on_line)
+            with cancel.on_cancel(channel.close) if cancel else contextlib.nullcontext():
+                done = self._collect(channel, list(argv), timeout, on_line)
+            if cancel:
+                cancel.check()
+            return done
+        except HostError:
+            if cancel:
+                cancel.check()  # the channel closed by the cancel, not lost
+            raise
         finally:
             channel.close()
 

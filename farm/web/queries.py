@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from farm.ledger import FINAL, Ledger, RunRecord
+from farm.ledger import FINAL, Ledger, RunRecord, run_status
 
 DUMPED = ("ok", "fake")  # final statuses that come with a dump judged real or fake
 
@@ -40,12 +39,12 @@ class RunSummary:
     counts: dict[str, int] = field(default_factory=dict)  # job status -> number of jobs
     moved: float = 0.0  # the latest start of one of its jobs
 
+    row: sqlite3.Row | None = None
+
     @property
     def status(self) -> str:
-        """As Ledger.run tells it: a 'running' run whose jobs stopped moving an hour ago is interrupted."""
-        if self.run.status == "running" and time.time() - max(self.moved, self.run.created) >= 3600:
-            return "interrupted"
-        return self.run.status
+        """As Ledger.run tells it (farm.ledger.run_status)."""
+        return run_status(self.row, self.moved) if self.row is not None else self.run.status
 
 
 class Queries:
@@ -104,7 +103,7 @@ class Queries:
         """A page of runs, newest first, with their job counts per status (two queries)."""
         with self._db() as db:
             rows = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-            summaries = {r["id"]: RunSummary(Ledger._run_record(r)) for r in rows}
+            summaries = {r["id"]: RunSummary(Ledger.run_record(r), row=r) for r in rows}
             if summaries:
                 ids = list(summaries)
                 for c in db.execute(
