@@ -122,6 +122,11 @@ def _driver_alive(heartbeat: float | None, driver: dict) -> bool:
             return False
         except PermissionError:
             pass
+        try:  # a zombie (killed, not yet reaped by its parent) drives nothing
+            with open(f"/proc/{driver['pid']}/stat", "rb") as f:
+                return f.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+        except OSError:
+            pass
     return True
 
 

@@ -87,3 +87,86 @@ def test_an_ssh_host_that_is_down_fails_its_job_naming_the_host(env, redis_serve
     assert (code, job["status"]) == (1, "failed"), err
     assert host.name in job["reasons"][0] and host.address in job["reasons"][0], job["reasons"]
     assert err == ""  # --quiet: nothing on stderr but errors
+
+
+def test_runs_cancel_stops_the_job_on_its_ssh_host_and_the_worker_serves_on(
+        env, redis_server, workers, ssh_hosts, tmp_path):
+    (host,), inventory = ssh_inventory(ssh_hosts, tmp_path, 1, delay=60)
+    worker = workers.start(host.name, inventory)
+    cli = start_probe(env, inventory, redis_server.url, "--quiet")
+    wait_probing(host)
+    code, out, err = farm(env, "runs", "cancel", "1", "--broker", redis_server.url, "--json")
+    assert code == 0 and [j["status"] for j in out["cancelled"]] == ["cancelled"], err
+    code, out, err = finish(cli, timeout=30)
+    (job,) = out["jobs"]
+    assert (code, job["status"], job["reasons"]) == (1, "cancelled", ["cancelled (farm runs cancel)"]), err
+    deadline = time.monotonic() + 20
+    while probing(host.namespace) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not probing(host.namespace), "the probe outlived its cancelled job"
+    assert worker.poll() is None
+    code, status, _ = farm(env, "status", "--inventory", inventory, "--json")
+    assert status["hosts"][0]["failures"] == 0
+
+
+def test_a_stopped_worker_hands_its_job_back_after_the_grace_and_another_worker_finishes_it(
+        env, redis_server, workers, ssh_hosts, tmp_path):
+    (host,), inventory = ssh_inventory(ssh_hosts, tmp_path, 1, delay=8)
+    workers.env = {**env, "FARM_WORKER_GRACE": "1"}
+    first = workers.start(host.name, inventory)
+    cli = start_probe(env, inventory, redis_server.url, "--quiet")
+    wait_probing(host)
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(30) == 0  # stopped within the grace and the hand-back, not after the probe
+    log = (workers.logdir / "worker-0.log").read_text()
+    assert "run-1-x86_64: handed back to the queue" in log, log[-3000:]
+    assert "succeeded" not in log
+    workers.start(host.name, inventory)
+    code, out, err = finish(cli)
+    (job,) = out["jobs"]
+    assert (code, job["status"], job["host"]) == (0, "ok", host.name), err
+    code, shown, _ = farm(env, "runs", "show", "1", "--json")
+    assert shown["status"] == "done" and len(shown["jobs"]) == 1
+
+
+def test_a_stopped_worker_finishes_a_job_that_ends_within_the_grace(env, redis_server, workers, ssh_hosts, tmp_path):
+    (host,), inventory = ssh_inventory(ssh_hosts, tmp_path, 1, delay=3)
+    workers.env = {**env, "FARM_WORKER_GRACE": "60"}
+    worker = workers.start(host.name, inventory)
+    cli = start_probe(env, inventory, redis_server.url, "--quiet")
+    wait_probing(host)
+    os.killpg(worker.pid, signal.SIGTERM)
+    code, out, err = finish(cli)
+    assert (code, out["jobs"][0]["status"]) == (0, "ok"), err
+    assert worker.wait(30) == 0
+    assert "run-1-x86_64: handed back to the queue" not in (workers.logdir / "worker-0.log").read_text()
+
+
+def test_resume_with_no_live_worker_fails_fast_naming_the_queue(env, redis_server, workers, ssh_hosts, tmp_path):
+    (host,), inventory = ssh_inventory(ssh_hosts, tmp_path, 1, delay=60)
+    worker = workers.start(host.name, inventory)
+    cli = start_probe(env, inventory, redis_server.url, "--quiet")
+    wait_probing(host)
+    os.killpg(cli.pid, signal.SIGKILL)
+    workers.kill(worker)
+    started = time.monotonic()
+    code, out, err = farm(env, "runs", "resume", "1", "--broker", redis_server.url, "--json", "--quiet")
+    assert time.monotonic() - started < 60
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert (code, job["status"]) == (1, "failed"), err
+    assert "no live worker serves a healthy host of arch.x86_64" in job["reasons"][0]
+
+
+def test_ctrl_c_of_a_distributed_probe_says_the_workers_go_on_and_resume_collects(
+        env, redis_server, workers, ssh_hosts, tmp_path):
+    (host,), inventory = ssh_inventory(ssh_hosts, tmp_path, 1, delay=4)
+    workers.start(host.name, inventory)
+    cli = start_probe(env, inventory, redis_server.url, "--quiet")
+    wait_probing(host)
+    os.kill(cli.pid, signal.SIGINT)
+    code, _, err = finish(cli, timeout=30)
+    assert code == 130 and err.strip() == (
+        "farm: interrupted: the workers go on with run 1's jobs; collect their results with: farm runs resume 1")
+    code, out, err = farm(env, "runs", "resume", "1", "--broker", redis_server.url, "--json", "--quiet")
+    assert (code, out["jobs"][0]["status"]) == (0, "ok"), err
