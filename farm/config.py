@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -11,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from farm.errors import UsageError
+from farm.errors import OperationalError, UsageError
 
 
 def _xdg(variable: str, fallback: str) -> Path:
@@ -98,6 +99,10 @@ class Settings(BaseSettings):
         None, description="GitLab access token (scope api); prefer FARM_GITLAB_TOKEN_FILE."
     )
     gitlab_token_file: Path | None = Field(None, description="A file holding the GitLab access token.")
+    result_key_file: Path | None = Field(
+        None, description="The farm's result key: workers seal their results with it, the coordinator checks "
+        "them (default: <state_dir>/result.key, made when first needed; copy it to every worker's machine).",
+    )
     dashboard_token: SecretStr | None = Field(
         None, description="Bearer token for the dashboard's actions (release a host); prefer the token file."
     )
@@ -125,7 +130,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator("state_dir", "cache_dir", "inventory", "libvirt_checkout", "libvirt_build_dir",
-                     "gitlab_token_file", "dashboard_token_file", mode="before")
+                     "gitlab_token_file", "dashboard_token_file", "result_key_file", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         if value == "":
@@ -155,6 +160,28 @@ class Settings(BaseSettings):
         if token is None:
             raise UsageError("no GitLab token: set FARM_GITLAB_TOKEN_FILE (or FARM_GITLAB_TOKEN)")
         return token
+
+    def result_key(self) -> bytes:
+        """The farm's result key (FARM_RESULT_KEY_FILE; default <state_dir>/result.key, made with
+        32 random bytes, mode 0600, when it does not exist)."""
+        path = self.result_key_file or self.state_dir / "result.key"
+        if self.result_key_file is None and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32) + "\n")
+            except FileExistsError:  # another process made it meanwhile
+                pass
+            except OSError as e:
+                raise OperationalError(f"{path}: cannot create the result key: {e.strerror}") from None
+        try:
+            key = path.read_bytes().strip()
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read the result key (FARM_RESULT_KEY_FILE): {e.strerror}") from None
+        if len(key) < 16:
+            raise UsageError(f"{path}: the result key is too short (at least 16 characters)")
+        return key
 
     def dashboard_secret(self) -> str | None:
         """The dashboard's action token: $FARM_DASHBOARD_TOKEN, else the token file's content; None: no actions."""

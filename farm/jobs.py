@@ -13,14 +13,12 @@ does not validate), ``wrong-version`` (QEMU is not the release asked for),
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import multiprocessing
 import os
 import platform
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -85,22 +83,6 @@ class Outcome:
     dump: str | None = None
     name: str | None = None
     attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (host, status, first reason)
-
-    def to_json(self) -> dict:
-        """For the wire (Celery results): the dump travels compressed."""
-        r = self.record
-        return {
-            "record": {k: getattr(r, k) for k in JobRecord.__dataclass_fields__},
-            "dump": base64.b64encode(zlib.compress(self.dump.encode())).decode() if self.dump is not None else None,
-            "name": self.name,
-            "attempts": self.attempts,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> Outcome:
-        dump = zlib.decompress(base64.b64decode(data["dump"])).decode() if data.get("dump") else None
-        attempts = [tuple(a) for a in data.get("attempts", [])]
-        return cls(JobRecord(**data["record"]), dump, data.get("name"), attempts)
 
 
 class HostSlots:
@@ -290,7 +272,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
         outcome.dump = reply.get("dump")
         if outcome.dump is None:
             raise _Ended("failed", "the agent's reply has no dump")
-        outcome.name = str(_judge(job, record, (judges or assess)(job, outcome.dump), reply["facts"], provenance))
+        outcome.name = str(judge(job, record, (judges or assess)(job, outcome.dump), reply["facts"], provenance))
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except Cancelled as e:
@@ -406,7 +388,7 @@ class Judges:
             pool.shutdown()
 
 
-def _judge(job: Job, record: JobRecord, assessment: Assessment, facts: dict, provenance: dict) -> DumpName:
+def judge(job: Job, record: JobRecord, assessment: Assessment, facts: dict, provenance: dict) -> DumpName:
     """Set the job's status, verdict and reasons; return the name the dump is stored under."""
     inspection = assessment.inspection
     if assessment.wrong_version:
@@ -418,7 +400,7 @@ def _judge(job: Job, record: JobRecord, assessment: Assessment, facts: dict, pro
         record.status, record.reasons = "fake", inspection.reasons
     else:
         record.status, record.reasons = "ok", inspection.reasons
-    kvm = facts.get("kvm") or {}
+    kvm = facts.get("kvm") if isinstance(facts.get("kvm"), dict) else {}
     if not kvm.get("usable"):
         record.reasons.append(f"host has no usable /dev/kvm: {kvm.get('error') or 'not present'}")
     name = assessment.name

@@ -33,6 +33,7 @@ from farm.caps.names import column
 from farm.config import settings
 from farm.errors import FarmError, OperationalError
 from farm.hosts import Cancellation
+from farm.dispatch.wire import open_sealed, seal
 from farm.jobs import RETRYABLE, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
@@ -195,7 +196,7 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list) -> dict:
     if outcome.record.status in RETRYABLE and outcome.attempts and len(tried_now) < attempts and others:
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, [list(t) for t in tried_now]], countdown=1)
-    return outcome.to_json()
+    return seal(outcome, settings().result_key())
 
 
 @control_command(args=[("job_ids", list), ("reason", str)], signature="JOB_IDS REASON")
@@ -279,7 +280,7 @@ def dispatch(
         if resume:
             known = app.AsyncResult(job.id)
             if known.state in celery.states.READY_STATES or (known.state != "PENDING" and served):
-                sent[job.id] = known
+                sent[job.id] = Sent(job, [h.name for h in hosts], known)
                 continue
         if not served:
             why = "no healthy host" if not hosts else "no live worker serves a healthy host"
@@ -287,7 +288,8 @@ def dispatch(
             continue
         if job.targeted:  # the host's own queue: the worker serving it takes the job
             queue = host_queue(served[0])
-        sent[job.id] = app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue, task_id=job.id)
+        sent[job.id] = Sent(job, served, app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue,
+                                                       task_id=job.id))
     return wait(app, sent, ledger, progress, cancels or {})
 
 
@@ -312,6 +314,8 @@ def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str],
     """
     say = progress or (lambda job_id, message: None)
     cancels = cancels or {}
+    key = settings().result_key()
+    judges = Judges.for_slots(len(sent))
     done: list[JobRecord] = []
     shown: dict[str, str] = {}
     unreachable_since = None
@@ -322,7 +326,7 @@ def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str],
             say(job_id, f"cancelled: {cancels[job_id].reason}")
         try:
             for job_id, result in list(sent.items()):
-                record = _look(job_id, result, ledger, say, shown)
+                record = _look(job_id, result, ledger, say, shown, key, judges)
                 if record is not None:
                     done.append(record)
                     del sent[job_id]
@@ -343,21 +347,31 @@ def wait(app: Celery, sent: dict, ledger: Ledger, progress: Callable[[str, str],
     return done
 
 
-def _look(job_id: str, result, ledger: Ledger, say, shown: dict) -> JobRecord | None:
-    """One look at a job's result: progress is shown, an end is kept and returned."""
+@dataclasses.dataclass
+class Sent:
+    """A job the coordinator sent: its plan, the hosts it allowed, Celery's handle of its result."""
+
+    job: Job
+    allowed: list[str]
+    result: object
+
+
+def _look(job_id: str, sent: Sent, ledger: Ledger, say, shown: dict, key: bytes, judges: Judges) -> JobRecord | None:
+    """One look at a job's result: progress is shown, an end is checked, judged and kept."""
+    result = sent.result
     state = result.state
     if state in ("STARTED", "PROGRESS", "RETRY"):
         info = result.info if isinstance(result.info, dict) else {}
-        message = str(info.get("message") or state.lower())
+        message = str(info.get("message") or state.lower())[:500]
         if shown.get(job_id) != message:
             shown[job_id] = message
-            if isinstance(info.get("host"), str):
+            if isinstance(info.get("host"), str) and info["host"] in sent.allowed:
                 ledger.start_job(job_id, info["host"])
             say(job_id, message)
     elif state == "SUCCESS":
-        return keep(ledger, Outcome.from_json(result.result))
+        return keep(ledger, open_sealed(result.result, sent.job, sent.allowed, key, judges))
     elif state in ("FAILURE", "REVOKED"):
-        return keep(ledger, _failed(ledger.job(job_id), f"worker: {state.lower()}: {result.result!r}"))
+        return keep(ledger, _failed(sent.job, f"worker: {state.lower()}: {str(result.result)[:500]}"))
     return None
 
 

@@ -8,10 +8,13 @@ SSH with a pinned host key.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +88,24 @@ def _quietly(hook: Callable[[], None]) -> None:
         hook()
     except Exception:  # noqa: BLE001 - a hook that fails must not stop the others
         logging.getLogger(__name__).exception("cancelling: a hook failed")
+
+
+MAX_DUMP_BYTES = 64 << 20  # a dump decompressed (a real one is about 1 MB)
+
+
+def inflate(text: str, limit: int = MAX_DUMP_BYTES) -> str:
+    """The UTF-8 text of base64-encoded zlib data from a host or a worker, at most ``limit``
+    bytes decompressed (a zip bomb stops there); ValueError when it is damaged or too large."""
+    try:
+        inflater = zlib.decompressobj()
+        data = inflater.decompress(base64.b64decode(text, validate=True), limit)
+        if inflater.unconsumed_tail:
+            raise ValueError(f"larger than {limit >> 20} MiB decompressed")
+        if not inflater.eof:
+            raise ValueError("truncated")
+        return data.decode("utf-8")
+    except (zlib.error, UnicodeDecodeError, binascii.Error, TypeError) as e:
+        raise ValueError(str(e)) from None
 
 
 def tell(on_line: Callable[[str], None], line: str, host: str) -> None:

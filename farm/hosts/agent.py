@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import threading
 import uuid
 import weakref
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import Cancellation, HostError, Transport
+from farm.hosts import Cancellation, HostError, Transport, inflate
 from farm.hosts.server import AgentServer
 
 AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
@@ -188,7 +186,7 @@ class Agent:
         reply = self.call(*args, timeout=BUILD_TIMEOUT + timeout, check=False)
         if reply.get("dump") is not None:
             try:
-                reply["dump"] = zlib.decompress(base64.b64decode(reply["dump"])).decode("utf-8")
-            except (ValueError, zlib.error, UnicodeDecodeError) as e:
+                reply["dump"] = inflate(reply["dump"])
+            except ValueError as e:
                 raise HostError(f"host {self.host.name!r}: agent job: the dump in its reply is damaged: {e}") from None
         return reply
