@@ -32,7 +32,7 @@ from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
-from farm.hosts import HostError, transport_for
+from farm.hosts import HostConfigError, HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
 from farm.ledger import JobRecord, Ledger
 
@@ -84,7 +84,9 @@ class Outcome:
     record: JobRecord
     dump: str | None = None
     name: str | None = None
-    attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (host, status, first reason)
+    # (host, status, first reason, "config" when the host was misconfigured (HostConfigError) else "")
+    attempts: list[tuple[str, str, str, str]] = field(default_factory=list)
+    config_error: bool = False  # this attempt failed on a HostConfigError
 
     def to_json(self) -> dict:
         """For the wire (Celery results): the dump travels compressed."""
@@ -180,7 +182,7 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
                           "(quarantined hosts: farm hosts release NAME)"]
         return Outcome(record)
     tried: list[str] = []
-    attempts: list[tuple[str, str, str]] = []
+    attempts: list[tuple[str, str, str, str]] = []
     while True:
         with slots.take([h for h in hosts if h.name not in {a[0] for a in attempts}]) as (host, release):
             if host is None:
@@ -189,7 +191,7 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
                 on_start(job, host)
             outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"), judges, host_done=release)
         r = outcome.record
-        attempts.append((host.name, r.status, r.reasons[0] if r.reasons else ""))
+        attempts.append((host.name, r.status, r.reasons[0] if r.reasons else "", "config" if outcome.config_error else ""))
         tried.append(f"{host.name}: {'; '.join(r.reasons)}")
         if r.status not in RETRYABLE:
             break
@@ -203,9 +205,9 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
 def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
     """Keep an outcome: the dump in the artifact store, the job's end in the ledger (once),
     and what each attempt says of its host's health."""
-    for host, status, reason in outcome.attempts:
+    for host, status, reason, *kind in outcome.attempts:
         if status in RETRYABLE:
-            ledger.host_failed(host, reason)
+            ledger.host_failed(host, reason, config=kind == ["config"])
         else:
             ledger.host_seen(host)
     r = outcome.record
@@ -252,7 +254,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
             "version": qemu.get("version"),
             "version_line": qemu.get("version_line"),
             "commit": qemu.get("commit"),  # built from git: the commit
-            "origin": _qemu_origin(host, job),
+            "origin": qemu_origin(host, job),
         }
         provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
         tail = probe.get("stderr_tail") or []
@@ -270,6 +272,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except HostError as e:
         record.status, record.reasons = "failed", [str(e)]
+        outcome.config_error = isinstance(e, HostConfigError)
     record.finished = time.time()
     provenance["timings"] = {"started": record.started, "finished": record.finished}
     record.provenance = provenance
@@ -280,7 +283,7 @@ def check_host(host, facts: dict) -> None:
     """A remote host must be of its inventory arch (local hosts may emulate another: TCG)."""
     machine = facts.get("arch", "?")
     if host.transport != "local" and Architecture.from_uname(machine) is not host.arch:
-        raise HostError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
+        raise HostConfigError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
 
 
 def _qemu_spec(host, job: Job) -> str:
@@ -304,7 +307,9 @@ def _qemu_args(host, job: Job) -> dict:
     return {"qemu_source": _qemu_spec(host, job)}
 
 
-def _qemu_origin(host, job: Job) -> str:
+def qemu_origin(host, job: Job) -> str:
+    """Where the QEMU a job probes on ``host`` comes from, as provenance records it: ``system``, a
+    ``binary:``/``tarball:`` spec of the host, or the ``git:URL@REF`` it builds."""
     return "system" if host.toolchain.qemu_source.kind == "system" else _qemu_spec(host, job)
 
 
