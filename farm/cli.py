@@ -388,6 +388,9 @@ def cmd_runs_resume(args) -> int:
 def cmd_worker(args) -> int:
     from farm.dispatch.distributed import make_app, serve
     from farm.inventory import resolve_inventory
+    from farm.logs import log_uncaught_exceptions
+
+    log_uncaught_exceptions()
 
     broker = _broker(args)
     if not broker:
