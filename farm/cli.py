@@ -465,7 +465,8 @@ def cmd_nightly(args) -> int:
         return one_pass()
     while True:
         when = nightly.next_time(s.nightly_cron)
-        _say(f"next nightly pass at {when:%Y-%m-%d %H:%M %Z}")
+        if say:
+            say(f"next nightly pass at {when:%Y-%m-%d %H:%M %Z}")
         time.sleep(max(0.0, (when - datetime.datetime.now().astimezone()).total_seconds()))
         try:
             one_pass()
