@@ -8,10 +8,12 @@ is reached, but misconfigured: not counted).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 
-from tests.helpers import REPO, farm
+from tests.helpers import REPO, farm, served_dashboard
 
 
 def test_a_host_failing_again_and_again_is_quarantined_until_released(env, tmp_path):
@@ -79,3 +81,10 @@ def test_a_misconfigured_host_is_recorded_but_never_quarantined_and_its_failure_
     text = subprocess.run([sys.executable, "-m", "farm", "status", "--inventory", str(inventory)],
                           env={**env, "COLUMNS": "250"}, capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "past: " in text and "configuration error" in text and " ok " in text
+    with served_dashboard(env, tmp_path / "dashboard.log", "--inventory", str(inventory)) as (url, _):
+        with urllib.request.urlopen(url + "/api/hosts", timeout=30) as r:
+            (shown,) = json.loads(r.read())
+        with urllib.request.urlopen(url + "/hosts", timeout=30) as r:
+            page = r.read().decode()
+    assert (shown["health"], shown["failing_now"], shown["last_failure_kind"]) == ("ok", False, "config")
+    assert "past (seen working since)" in page and "(configuration error)" in page

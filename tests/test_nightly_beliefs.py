@@ -19,6 +19,7 @@ from farm.web import views
 from farm.web.queries import Queries
 from tests.helpers import farm, served_dashboard
 from tests.standin import RECORDED, standin_builddir
+from tests.test_nightly import qemu_repo
 from tests.test_nightly_head import CONFIGURE, git
 
 TAGS = ["v9.1.0", "v9.2.0"]
@@ -119,6 +120,15 @@ def test_wrong_version_and_later_failures_do_not_displace_a_real_dump_of_the_rel
     assert (cells["9.2.0", "x86_64"]["state"], cells["9.2.0", "x86_64"]["run"]) == ("real", 1)
     assert (cells["9.1.0", "x86_64"]["state"], cells["9.1.0", "x86_64"]["status"]) == ("failed", "wrong-version")
     assert cov["sources"]["farm"]["counts"] == {"real": 1, "fake": 0, "stale": 0, "failed": 1, "missing": 0}
+
+    # nightly believes the same: 9.2.0 is covered by its real dump; 9.1.0 was answered wrong-version by
+    # the stand-in's QEMU only, the other host's own QEMU has not answered it
+    env = {**env, "FARM_QEMU_GIT_URL": str(qemu_repo(tmp_path / "qemu", TAGS)), "FARM_NIGHTLY_HEAD": "0"}
+    code, out, err = farm(env, "nightly", "--dry-run", "--json", "--inventory", str(inventory))
+    assert code == 0, err
+    assert items(out, "skipped") == [("v9.2.0", "x86_64", "covered", None)]
+    assert items(out, "plan") == [("v9.1.0", "x86_64", "untried on broken: run 2 got wrong-version from QEMU "
+                                   "system on standin", ["broken"])]
 
 
 def test_a_cell_shows_a_real_dump_over_a_later_fake_over_a_later_failure(tmp_path):
