@@ -240,7 +240,11 @@ def cmd_hosts_check(args) -> int:
                 ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
                 str(len(f.get("probes", []))),
             )
-        _console().print(table)
+        console = _console()
+        console.print(table)
+        for e in report:  # reached, facts known, and refused (e.g. of another arch than the inventory says)
+            if e.get("facts") and e.get("error"):
+                console.print(f"[yellow]{escape(e['name'])}[/]: configuration error: {escape(e['error'])}")
     return OK if all(e["ok"] for e in report) else FINDINGS
 
 
@@ -612,8 +616,7 @@ def _when(stamp: float | None) -> str:
 
 
 def _console():
-    """stdout's console: as wide as the terminal, or as $COLUMNS says (a positive number), else
-    200 columns when piped."""
+    """stdout's console: as wide as $COLUMNS says (1 to 10000), else the terminal, else 200 columns."""
     from rich.console import Console
 
     columns = os.environ.get("COLUMNS", "")

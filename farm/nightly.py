@@ -60,6 +60,7 @@ from pathlib import Path
 
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
+from farm.jobs import Job, qemu_origin
 from farm.ledger import Ledger
 from farm.caps.names import column
 
@@ -345,8 +346,6 @@ def _settles(job, host, tag: Tag, arch: str, variant: str | None) -> bool:
     """Does ``job``'s wrong-version answer settle ``tag`` for ``host``, i.e. would ``host`` build or run
     the same QEMU? A git build of the same URL and ref would, on any host; a host's own QEMU (``system``,
     ``binary:``, ``tarball:``) says nothing of another host's."""
-    from farm.jobs import Job, qemu_origin
-
     made = _origin(job)
     mine = qemu_origin(host, Job(job.run, str(tag.version), arch, variant, qemu_ref=tag.ref))
     if made is not None and made.startswith("git:"):

@@ -140,3 +140,20 @@ def test_a_host_whose_cache_dir_is_not_writable_is_reached_and_misconfigured_not
     code, status, _ = farm(env, "status", "--inventory", str(inventory), "--json")
     (host,) = status["hosts"]
     assert (host["state"], host["failing_now"], host["last_failure_kind"]) == ("ok", False, "config")
+
+
+def test_a_host_of_another_arch_is_a_configuration_error_said_below_the_table(ssh_hosts, env, tmp_path):
+    from tests.netns import native_arch
+
+    (h,) = ssh_hosts.create(1)
+    claimed = "aarch64" if native_arch() != "aarch64" else "x86_64"
+    inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml",
+                                    [h.entry(arch=claimed, toolchain={"cache_dir": ssh_hosts.cache_dir()})])
+    code, out, err = farm(env, "hosts", "check", "--inventory", str(inventory), "--json")
+    assert code == 1, err
+    (entry,) = out
+    assert (entry["error_kind"], entry["health"]["failures"], entry["health"]["state"]) == ("config", 0, "misconfigured")
+    text = run({**env, "COLUMNS": "300"}, "hosts", "check", "--inventory", str(inventory))
+    assert text.returncode == 1
+    assert f"{h.name}: configuration error: host '{h.name}' is " in text.stdout
+    assert f"the inventory says {claimed}" in text.stdout
