@@ -338,8 +338,9 @@ def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, 
 
 
 def _origin(job) -> str | None:
-    """Where the QEMU of a job's result came from (provenance ``qemu.origin``)."""
-    return ((job.provenance or {}).get("qemu") or {}).get("origin")
+    """Where the QEMU of a job's result came from (provenance ``qemu.origin``; None: not known)."""
+    origin = ((job.provenance or {}).get("qemu") or {}).get("origin")
+    return origin if isinstance(origin, str) else None
 
 
 def _settles(job, host, tag: Tag, arch: str, variant: str | None) -> bool:
@@ -348,7 +349,7 @@ def _settles(job, host, tag: Tag, arch: str, variant: str | None) -> bool:
     ``binary:``, ``tarball:``) says nothing of another host's."""
     made = _origin(job)
     mine = qemu_origin(host, Job(job.run, str(tag.version), arch, variant, qemu_ref=tag.ref))
-    if made is not None and made.startswith("git:"):
+    if made and made.startswith("git:"):
         return made == mine
     return job.host == host.name and made in (None, mine)
 

@@ -143,3 +143,32 @@ def test_a_cell_shows_a_real_dump_over_a_later_fake_over_a_later_failure(tmp_pat
         ledger.finish_job(job)
     (cell,) = views.farm_cells(Queries(ledger).cell_jobs(), ledger.artifacts)
     assert (cell["state"], cell["job"]) == ("real", f"run-{run}-x86_64-1")
+
+
+@pytest.mark.parametrize("origin, untried", [
+    (42, ["b", "c"]), (["git:x"], ["b", "c"]), (None, ["b", "c"]), ("system", ["b", "c"]),
+    ("git:file:///qemu@v9.1.0", ["a", "b"]),  # the same git build settles every host building it
+    ("git:file:///elsewhere@v9.1.0", ["a", "b", "c"]),  # a build no host makes now settles none
+])
+def test_a_wrong_version_settles_a_release_only_for_hosts_running_the_same_qemu(tmp_path, origin, untried):
+    # a result as a worker may send it (provenance is a worker's word), recorded through the ledger's API
+    from farm.inventory import resolve_inventory
+    from farm.nightly import Discovery, parse_tags, plan
+    from farm.caps.version import QemuVersion
+
+    standin = standin_builddir(tmp_path / "standin", delay=0)
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("hosts:\n" + host("a", standin, "system") + host("b", standin, "system")
+                         + host("c", standin, "git:file:///qemu@master"))
+    ledger = Ledger(tmp_path / "state")
+    run = ledger.new_run("9.1.0", ["x86_64"], None, str(inventory), "embedded")
+    job = JobRecord(f"run-{run}-x86_64", run, "x86_64", None, "a")
+    ledger.add_job(job)
+    job.status, job.verdict, job.finished = "wrong-version", "real", time.time()
+    job.provenance = {"libvirt": {"source": f"builddir:{standin}"}, "qemu": {"origin": origin}}
+    ledger.finish_job(job)
+    tags = "".join(f"0000000000000000000000000000000000000000\trefs/tags/{t}\n" for t in TAGS)
+    items = plan(Discovery("file:///qemu", parse_tags(tags), None), QemuVersion.parse("9.1.0"),
+                 resolve_inventory(str(inventory)), ledger, None)
+    (item,) = [i for i in items if i.qemu == "9.1.0"]
+    assert (item.action, item.hosts) == ("probe", untried), item.why
