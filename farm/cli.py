@@ -202,7 +202,7 @@ def cmd_hosts_list(args) -> int:
 
 def cmd_hosts_check(args) -> int:
     from farm.caps.arch import Architecture
-    from farm.hosts import HostError, transport_for
+    from farm.hosts import HostConfigError, HostError, transport_for
     from farm.hosts.agent import Agent
     from farm.inventory import resolve_inventory
     from farm.jobs import check_host
@@ -219,14 +219,16 @@ def cmd_hosts_check(args) -> int:
             entry["real_dumps"] = bool(facts["kvm"]["usable"]) and Architecture.from_uname(facts.get("arch")) is host.arch
             check_host(host, facts)
             ledger.host_seen(host.name)
-        except HostError as e:
-            entry.update(ok=False, error=str(e))
-            ledger.host_failed(host.name, str(e))
+        except HostError as e:  # reached but misconfigured, or not reached (an outage)
+            config = isinstance(e, HostConfigError)
+            entry.update(ok=False, error=str(e), error_kind="config" if config else "unreachable")
+            ledger.host_failed(host.name, str(e), config=config)
         entry["health"] = ledger.host(host.name).to_json()
         report.append(entry)
     if args.json:
         _print_json(report)
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"hosts of {inventory.source}")
@@ -235,7 +237,9 @@ def cmd_hosts_check(args) -> int:
         for e in report:
             f = e.get("facts")
             if not f:
-                table.add_row(e["name"], e["arch"], "[red]unreachable[/]", e.get("error", ""), "", "", "", "", "")
+                machine = "[yellow]reached[/]" if e["error_kind"] == "config" else "[red]unreachable[/]"
+                error = f"configuration error: {e['error']}" if e["error_kind"] == "config" else e["error"]
+                table.add_row(e["name"], e["arch"], machine, escape(error), "", "", "", "", "")
                 continue
             kvm = f["kvm"]
             qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
@@ -246,7 +250,11 @@ def cmd_hosts_check(args) -> int:
                 ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
                 str(len(f.get("probes", []))),
             )
-        _console().print(table)
+        console = _console()
+        console.print(table)
+        for e in report:  # reached, facts known, and refused (e.g. of another arch than the inventory says)
+            if e.get("facts") and e.get("error"):
+                console.print(f"[yellow]{escape(e['name'])}[/]: configuration error: {escape(e['error'])}")
     return OK if all(e["ok"] for e in report) else FINDINGS
 
 
@@ -295,10 +303,19 @@ def cmd_status(args) -> int:
     table = Table(title=f"farm status ({status['mode']})")
     for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
         table.add_column(column, overflow="fold")
+    from rich.markup import escape
+
     for h in hosts:
-        health = "[bold red]quarantined[/]" if h["quarantined"] else (
-            f"[yellow]{h['failures']} failure(s)[/]" if h["failures"] else "[green]ok[/]")
-        failure = f"{_when(h['last_failure'])}: {h['last_failure_reason']}" if h["last_failure"] else "-"
+        health = {"quarantined": "[bold red]quarantined[/]", "failing": f"[yellow]{h['failures']} failure(s)[/]",
+                  "misconfigured": "[yellow]configuration error[/]", "ok": "[green]ok[/]"}.get(h["state"], h["state"])
+        failure = "-"
+        if h["last_failure"]:
+            why = h["last_failure_reason"]
+            if h["last_failure_kind"] == "config":
+                why = f"configuration error: {why}"
+            failure = escape(f"{_when(h['last_failure'])}: {why}")
+            if not h["failing_now"]:  # seen working since: a past failure
+                failure = f"[dim]past: {failure}[/]"
         served = "-" if h["served"] is None else ("yes" if h["served"] else "[red]no worker[/]")
         table.add_row(h["name"], h["arch"], health, _when(h["last_seen"]), failure, served, ", ".join(h["running"]) or "-")
     console = _console()
@@ -421,6 +438,9 @@ def cmd_runs_cancel(args) -> int:
 def cmd_worker(args) -> int:
     from farm.dispatch.distributed import make_app, serve
     from farm.inventory import resolve_inventory
+    from farm.logs import log_uncaught_exceptions
+
+    log_uncaught_exceptions()
 
     broker = _broker(args)
     if not broker:
@@ -495,7 +515,8 @@ def cmd_nightly(args) -> int:
         return one_pass()
     while True:
         when = nightly.next_time(s.nightly_cron)
-        _say(f"next nightly pass at {when:%Y-%m-%d %H:%M %Z}")
+        if say:
+            say(f"next nightly pass at {when:%Y-%m-%d %H:%M %Z}")
         time.sleep(max(0.0, (when - datetime.datetime.now().astimezone()).total_seconds()))
         try:
             one_pass()
@@ -649,8 +670,12 @@ def _when(stamp: float | None) -> str:
 
 
 def _console():
+    """stdout's console: as wide as $COLUMNS says (1 to 10000), else the terminal, else 200 columns."""
     from rich.console import Console
 
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and 0 < int(columns) <= 10000:
+        return Console(width=int(columns))
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
@@ -805,8 +830,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="the inventory as Ansible's dynamic inventory (JSON): groups agents, "
                        "arch_<arch>, tag_<tag>, coordinator; host variables ansible_* and farm_*")
     p.set_defaults(func=cmd_ansible_inventory)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--list", action="store_true", help="all groups and hosts, with _meta.hostvars")
+    p.add_argument("--json", action="store_true", help="accepted as by every command: the output is JSON anyway")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="all groups and hosts, with _meta.hostvars (the default)")
     what.add_argument("--host", metavar="NAME", help="one host's variables")
     inventory_option(p)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from farm import __version__
 from farm.caps import dump
@@ -30,7 +31,7 @@ from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
-from farm.hosts import Cancellation, Cancelled, HostError, transport_for
+from farm.hosts import Cancellation, Cancelled, HostConfigError, HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
 from farm.ledger import JobRecord, Ledger
 
@@ -75,6 +76,15 @@ class _Ended(Exception):
         self.reasons = list(reasons)
 
 
+class Attempt(NamedTuple):
+    """One host's try at a job: what it says of the host's health."""
+
+    host: str
+    status: str
+    reason: str  # the first reason
+    misconfigured: bool = False  # failed on the host's configuration (HostConfigError), not an outage
+
+
 @dataclass
 class Outcome:
     """What one job produced: how it ended and, if a probe ran, the dump and its libvirt name."""
@@ -82,7 +92,8 @@ class Outcome:
     record: JobRecord
     dump: str | None = None
     name: str | None = None
-    attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (host, status, first reason)
+    attempts: list[Attempt] = field(default_factory=list)
+    config_error: bool = False  # this attempt failed on a HostConfigError
 
 
 class HostSlots:
@@ -157,21 +168,21 @@ class HostSlots:
 
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
             slots: HostSlots | None = None, on_start: Callable | None = None, judges: Judges | None = None,
-            attempts: int | None = None, earlier: list[tuple[str, str, str]] | None = None,
+            attempts: int | None = None, earlier: list[Attempt] | None = None,
             cancel: Cancellation | None = None) -> Outcome:
     """Run a job on a host that can do it, trying another host of the same arch
     after an infrastructure failure, each host once, at most ``attempts`` hosts.
 
     ``slots`` (shared by the jobs of a dispatcher) decides which host and when;
     ``on_start(job, host)`` is told when an attempt starts; ``judges`` assess the dumps;
-    ``earlier``: the (host, status, first reason) of attempts made by earlier deliveries of the
+    ``earlier``: the attempts made by earlier deliveries of the
     job (another worker), which the reasons of a job failed everywhere name too; ``cancel``
     ends the job (status ``cancelled``) wherever it is.
     """
     say = progress or (lambda message: None)
     slots = slots or HostSlots(hosts)
     earlier = list(earlier or [])
-    attempts_made: list[tuple[str, str, str]] = []
+    attempts_made: list[Attempt] = []
     outcome = None
     while attempts is None or len(attempts_made) < attempts:
         try:
@@ -188,7 +199,7 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
                                         started=time.time(), finished=time.time()))
             break
         r = outcome.record
-        attempts_made.append((host.name, r.status, "; ".join(r.reasons)))
+        attempts_made.append(Attempt(host.name, r.status, "; ".join(r.reasons), outcome.config_error))
         if r.status not in RETRYABLE:
             break
         say(f"{host.name}: {r.status}")
@@ -200,19 +211,19 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
     tried = earlier + attempts_made
     if len(tried) > 1 and (outcome.record.status in RETRYABLE or not attempts_made):
         outcome.record.reasons = [f"all {len(tried)} hosts of {column(job.arch, job.variant)} failed"] + [
-            f"{host}: {reason}" for host, _, reason in tried]
+            f"{a.host}: {a.reason}" for a in tried]
     elif earlier and not attempts_made:  # the one host that could, tried by an earlier delivery
         outcome.record.status, outcome.record.reasons = earlier[0][1], [earlier[0][2]]
-    outcome.attempts = [(host, status, reason.split("; ")[0]) for host, status, reason in attempts_made]
+    outcome.attempts = [a._replace(reason=a.reason.split("; ")[0]) for a in attempts_made]
     return outcome
 
 
 def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
     """Keep an outcome: the dump in the artifact store, the job's end in the ledger (once),
     and what each attempt says of its host's health."""
-    for host, status, reason in outcome.attempts:
+    for host, status, reason, misconfigured in outcome.attempts:
         if status in RETRYABLE:
-            ledger.host_failed(host, reason)
+            ledger.host_failed(host, reason, config=misconfigured)
         elif status != "cancelled":  # a cancelled job says nothing of its host
             ledger.host_seen(host)
     r = outcome.record
@@ -259,7 +270,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
             "version": qemu.get("version"),
             "version_line": qemu.get("version_line"),
             "commit": qemu.get("commit"),  # built from git: the commit
-            "origin": _qemu_origin(host, job),
+            "origin": qemu_origin(host, job),
         }
         provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
         tail = probe.get("stderr_tail") or []
@@ -279,6 +290,7 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
         record.status, record.reasons = "cancelled", [str(e)]
     except HostError as e:
         record.status, record.reasons = "failed", [str(e)]
+        outcome.config_error = isinstance(e, HostConfigError)
     record.finished = time.time()
     provenance["timings"] = {"started": record.started, "finished": record.finished}
     record.provenance = provenance
@@ -289,7 +301,7 @@ def check_host(host, facts: dict) -> None:
     """A remote host must be of its inventory arch (local hosts may emulate another: TCG)."""
     machine = facts.get("arch", "?")
     if host.transport != "local" and Architecture.from_uname(machine) is not host.arch:
-        raise HostError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
+        raise HostConfigError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
 
 
 def _qemu_spec(host, job: Job) -> str:
@@ -313,7 +325,9 @@ def _qemu_args(host, job: Job) -> dict:
     return {"qemu_source": _qemu_spec(host, job)}
 
 
-def _qemu_origin(host, job: Job) -> str:
+def qemu_origin(host, job: Job) -> str:
+    """Where the QEMU a job probes on ``host`` comes from, as provenance records it: ``system``, a
+    ``binary:``/``tarball:`` spec of the host, or the ``git:URL@REF`` it builds."""
     return "system" if host.toolchain.qemu_source.kind == "system" else _qemu_spec(host, job)
 
 

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_failure REAL,
     last_failure_reason TEXT,
     failures INTEGER NOT NULL DEFAULT 0,
-    quarantined INTEGER NOT NULL DEFAULT 0
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    last_failure_kind TEXT
 );
 CREATE TABLE IF NOT EXISTS publications (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -171,15 +172,38 @@ class JobRecord:
 
 @dataclass
 class HostHealth:
+    """A host's health. Its last failure is *current* until the host is next seen working, then
+    past (kept, shown as such). A configuration error (``last_failure_kind`` ``config``: reached but
+    misconfigured) is recorded as the last failure without counting toward quarantine; an outage
+    (``outage``: unreachable, toolchain or probe failure) counts."""
+
     name: str
     last_seen: float | None = None
     last_failure: float | None = None
     last_failure_reason: str | None = None
-    failures: int = 0  # consecutive infrastructure failures
+    failures: int = 0  # consecutive infrastructure failures (outages)
     quarantined: bool = False
+    last_failure_kind: str | None = None  # outage | config
+
+    @property
+    def failing_now(self) -> bool:
+        """Is the last failure current (not followed by the host working)?"""
+        return self.last_failure is not None and (self.last_seen is None or self.last_failure > self.last_seen)
+
+    @property
+    def state(self) -> str:
+        """quarantined, failing (outages in a row), misconfigured (a current configuration error),
+        ok (seen working), or unknown (never seen)."""
+        if self.quarantined:
+            return "quarantined"
+        if self.failures:
+            return "failing"
+        if self.failing_now and self.last_failure_kind == "config":
+            return "misconfigured"
+        return "ok" if self.last_seen or self.last_failure else "unknown"
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "failing_now": self.failing_now, "state": self.state}
 
 
 @dataclass
@@ -280,6 +304,8 @@ class Ledger:
                 db.execute("ALTER TABLE runs ADD COLUMN heartbeat REAL")
             if "log" not in {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}:
                 db.execute("ALTER TABLE jobs ADD COLUMN log TEXT NOT NULL DEFAULT '[]'")  # before job logs
+            if "last_failure_kind" not in {row["name"] for row in db.execute("PRAGMA table_info(hosts)")}:
+                db.execute("ALTER TABLE hosts ADD COLUMN last_failure_kind TEXT")  # before configuration errors
 
     @contextmanager
     def _db(self):
@@ -453,14 +479,18 @@ class Ledger:
                 (name, time.time()),
             )
 
-    def host_failed(self, name: str, reason: str) -> HostHealth:
-        """An infrastructure failure; after ``quarantine_after`` in a row the host is quarantined."""
+    def host_failed(self, name: str, reason: str, config: bool = False) -> HostHealth:
+        """An infrastructure failure; after ``quarantine_after`` in a row the host is quarantined.
+        A configuration error (``config``) is recorded as the last failure but not counted."""
+        counted = 0 if config else 1
         with self._db() as db:
             db.execute(
-                "INSERT INTO hosts (name, last_failure, last_failure_reason, failures) VALUES (?, ?, ?, 1) "
+                "INSERT INTO hosts (name, last_failure, last_failure_reason, last_failure_kind, failures) "
+                "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET last_failure = excluded.last_failure, "
-                "last_failure_reason = excluded.last_failure_reason, failures = failures + 1",
-                (name, time.time(), reason),
+                "last_failure_reason = excluded.last_failure_reason, "
+                "last_failure_kind = excluded.last_failure_kind, failures = failures + excluded.failures",
+                (name, time.time(), reason, "config" if config else "outage", counted),
             )
             db.execute(
                 "UPDATE hosts SET quarantined = 1 WHERE name = ? AND failures >= ?", (name, self.quarantine_after)
@@ -481,7 +511,7 @@ class Ledger:
         if row is None:
             return HostHealth(name)
         return HostHealth(row["name"], row["last_seen"], row["last_failure"], row["last_failure_reason"],
-                          row["failures"], bool(row["quarantined"]))
+                          row["failures"], bool(row["quarantined"]), row["last_failure_kind"])
 
     def quarantined(self) -> set[str]:
         with self._db() as db:

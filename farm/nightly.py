@@ -27,8 +27,12 @@ One pass (``farm nightly --once``):
      tagged, a result of the development head once an rc or the release is tagged; a head result
      is current while its QEMU commit is the head's: a head that moved makes it stale);
    - a current ``ok`` result with verdict ``real``: covered, nothing to do;
-   - a current ``ok`` (fake, TCG), ``fake``, ``invalid`` or ``wrong-version`` result: tried, not
-     retried (the same toolchain would give the same answer) until the toolchain or the tag changes;
+   - a current ``ok`` (fake, TCG), ``fake`` or ``invalid`` result: tried, not retried (the same
+     toolchain would give the same answer) until the toolchain or the tag changes;
+   - a current ``wrong-version`` result settles the candidate only for the hosts that would run
+     the same QEMU: for any host building the same ``git:URL@REF``, for the host itself when its
+     QEMU is its own (``system``, ``binary:``, ``tarball:``); while other hosts of the arch could
+     produce the release (e.g. build it from git), it is probed on those only (*untried on ...*);
    - only results that are not current: *stale*, probed again;
    - no result at all: covered when the libvirt tree has a real dump of it (not for the head: the
      tree's dump of the next release is of an older development QEMU), else *missing*, probed;
@@ -56,6 +60,7 @@ from pathlib import Path
 
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
+from farm.jobs import Job, qemu_origin
 from farm.ledger import Ledger
 from farm.caps.names import column
 
@@ -132,9 +137,10 @@ class Item:
     tag: str  # vX.Y.Z, vX.Y.Z-rcN or HEAD
     arch: str
     action: str  # probe | skip
-    why: str  # missing | stale: ... | covered | tried: STATUS | in tree | head: no host ...
+    why: str  # missing | stale: ... | covered | tried: STATUS | untried on ... | in tree | head: no host ...
     ref: str | None = None  # the head's commit or an rc's tag: what to build QEMU at
     variant: str | None = None
+    hosts: list[str] | None = None  # probe only on these (None: any host of the arch and variant)
 
     @property
     def column(self) -> str:
@@ -142,7 +148,7 @@ class Item:
 
     def to_json(self) -> dict:
         return {"qemu": self.qemu, "tag": self.tag, "ref": self.ref, "arch": self.arch, "variant": self.variant,
-                "action": self.action, "why": self.why}
+                "action": self.action, "why": self.why, "hosts": self.hosts}
 
 
 @dataclass
@@ -308,18 +314,44 @@ def plan(discovery: Discovery, minimum: QemuVersion, inventory, ledger: Ledger, 
             jobs = results.get((qemu, arch, variant), [])
             answers = [j for j in jobs if j.status in TRIED]
             current = [j for j in answers if _made_with(j.provenance, libvirt) and _of_candidate(j.provenance, tag)]
+            settled = [j for j in current if j.status != "wrong-version"]
+            wrong = [j for j in current if j.status == "wrong-version"]
+            untried = [h for h in hosts if (h.toolchain.qemu_from_git or not tag.ref)
+                       and not any(_settles(j, h, tag, arch, variant) for j in wrong)]
+            only = None
             if any(j.status == "ok" and j.verdict == "real" for j in current):
                 action, why = "skip", "covered"
-            elif current:
-                action, why = "skip", f"tried: {current[0].status} (run {current[0].run})"
+            elif settled or (wrong and not untried):
+                action, why = "skip", f"tried: {(settled or wrong)[0].status} (run {(settled or wrong)[0].run})"
+            elif wrong:
+                only = [h.name for h in untried]
+                action, why = "probe", (f"untried on {', '.join(only)}: run {wrong[0].run} got wrong-version from "
+                                        f"QEMU {_origin(wrong[0])} on {wrong[0].host}")
             elif answers:
                 action, why = "probe", _stale_reason(answers[0], libvirt, tag)
             elif (qemu, arch, variant) in in_tree and not tag.commit:
                 action, why = "skip", "in tree"
             else:
                 action, why = "probe", "missing" if not jobs else f"missing (last: {jobs[0].status}, run {jobs[0].run})"
-            items.append(Item(qemu, tag.name, arch, action, why, tag.ref, variant))
+            items.append(Item(qemu, tag.name, arch, action, why, tag.ref, variant, only))
     return items
+
+
+def _origin(job) -> str | None:
+    """Where the QEMU of a job's result came from (provenance ``qemu.origin``; None: not known)."""
+    origin = ((job.provenance or {}).get("qemu") or {}).get("origin")
+    return origin if isinstance(origin, str) else None
+
+
+def _settles(job, host, tag: Tag, arch: str, variant: str | None) -> bool:
+    """Does ``job``'s wrong-version answer settle ``tag`` for ``host``, i.e. would ``host`` build or run
+    the same QEMU? A git build of the same URL and ref would, on any host; a host's own QEMU (``system``,
+    ``binary:``, ``tarball:``) says nothing of another host's."""
+    made = _origin(job)
+    mine = qemu_origin(host, Job(job.run, str(tag.version), arch, variant, qemu_ref=tag.ref))
+    if made and made.startswith("git:"):
+        return made == mine
+    return job.host == host.name and made in (None, mine)
 
 
 def _stale_reason(job, libvirts: list[dict], tag: Tag) -> str:
@@ -367,13 +399,14 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
         result = Pass(discovery, items, dry_run, notes=[note])
         if dry_run:
             return result
-        by_run: dict[tuple[str, str | None, str | None], list[str]] = {}
+        by_run: dict[tuple[str, str | None, str | None], list[Item]] = {}
         for item in result.plan:
-            by_run.setdefault((item.qemu, item.ref, item.variant), []).append(item.arch)
-        for (qemu, ref, variant), archs in by_run.items():
+            by_run.setdefault((item.qemu, item.ref, item.variant), []).append(item)
+        for (qemu, ref, variant), planned in by_run.items():
+            archs = [i.arch for i in planned]
             say(f"probing QEMU {qemu}{f' at {ref}' if ref else ''} on {', '.join(column(a, variant) for a in archs)}")
             record = probe(inventory, qemu, ",".join(archs), ledger, variant=variant, broker=broker, qemu_ref=ref,
-                           progress=lambda job, message: say(f"{job}: {message}"))
+                           progress=lambda job, message: say(f"{job}: {message}"), only=_hosts_of(planned, inventory))
             entry = {"run": record.id, "qemu": qemu, "ref": ref, "variant": variant, "jobs": [
                 {"arch": j.arch, "variant": j.variant, "status": j.status, "verdict": j.verdict, "host": j.host,
                  "reasons": j.reasons}
@@ -384,6 +417,18 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
                 say(f"run {record.id}: publish: {publication.get('message') or publication.get('error')}")
             result.runs.append(entry)
         return result
+
+
+def _hosts_of(planned: list[Item], inventory) -> list[str] | None:
+    """The hosts a run of ``planned`` items may use: None (any) unless an item is limited to some
+    hosts (the others already answered it), then each item's hosts (or all of its arch's)."""
+    if all(i.hosts is None for i in planned):
+        return None
+    columns = producers(inventory)
+    names: list[str] = []
+    for i in planned:
+        names += i.hosts if i.hosts is not None else [h.name for h in columns[(i.arch, i.variant)]]
+    return list(dict.fromkeys(names))
 
 
 def _publish(ledger: Ledger, record, options: Callable[[], object] | None, say) -> dict:

@@ -28,6 +28,10 @@ def plan(
     for arch in archs:
         what = column(arch.value, variant)
         producers = [h for h in inventory.hosts_for(arch, variant) if h in chosen]
+        if not producers and only:
+            raise UsageError(f"{inventory.source}: --hosts cannot probe {what}: " + "; ".join(
+                f"host {h.name} is {h.arch.value}, not {arch.value}" if h.arch is not arch
+                else f"host {h.name} has no variant {variant}" for h in chosen))
         if not producers:
             raise UsageError(f"{inventory.source}: no host can probe {what} (hosts: {', '.join(h.name for h in inventory.hosts)})")
         hosts = _builders(producers, qemu_ref)

@@ -34,7 +34,7 @@ from farm.config import settings
 from farm.errors import FarmError, OperationalError
 from farm.hosts import Cancellation
 from farm.dispatch.wire import open_sealed, seal
-from farm.jobs import RETRYABLE, HostSlots, Job, Judges, Outcome, execute, keep
+from farm.jobs import RETRYABLE, Attempt, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 
 TASK = "farm.probe"
@@ -163,8 +163,8 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list) -> dict:
     1 + FARM_MAX_RETRIES hosts in all, as in the embedded dispatcher."""
     job = Job(**job_fields)
     arch = Architecture.parse(job.arch)
-    earlier = [(str(h), str(status), str(reason)) for h, status, reason in tried]
-    done = {h for h, _, _ in earlier}
+    earlier = [Attempt(*a) for a in tried]
+    done = {a.host for a in earlier}
     candidates = [
         h for h in _served.values() if h.produces(arch, job.variant) and h.name in allowed and h.name not in done
     ]
@@ -191,8 +191,8 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list) -> dict:
         _handed_back.discard(job.id)
         log.warning("%s: handed back to the queue (this worker is stopping)", job.id)
         raise task.retry(args=[job_fields, allowed, tried], countdown=0)
-    tried_now = earlier + [(h, status, reason) for h, status, reason in outcome.attempts]
-    others = set(allowed) - {h for h, _, _ in tried_now}
+    tried_now = earlier + outcome.attempts
+    others = set(allowed) - {a.host for a in tried_now}
     if outcome.record.status in RETRYABLE and outcome.attempts and len(tried_now) < attempts and others:
         say(f"{outcome.record.status}: handing the job to another host")
         raise task.retry(args=[job_fields, allowed, [list(t) for t in tried_now]], countdown=1)

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from farm.hosts import inflate
-from farm.jobs import RETRYABLE, Job, Judges, Outcome, assess, judge
+from farm.jobs import RETRYABLE, Attempt, Job, Judges, Outcome, assess, judge
 from farm.ledger import FINAL, JobRecord
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class WireAttempt(BaseModel):
     host: HostName
     status: Status
     reason: Line
+    misconfigured: bool = False
 
 
 class WireResult(BaseModel):
@@ -65,7 +66,8 @@ def seal(outcome: Outcome, key: bytes) -> dict:
     payload = WireResult(
         job=r.id, status=r.status, host=r.host, reasons=[x[:4096] for x in r.reasons[:64]],
         log=[x[:4096] for x in r.log[-5000:]], started=r.started, finished=r.finished, provenance=r.provenance,
-        attempts=[WireAttempt(host=h, status=s, reason=why[:4096]) for h, s, why in outcome.attempts],
+        attempts=[WireAttempt(host=a.host, status=a.status, reason=a.reason[:4096], misconfigured=a.misconfigured)
+                  for a in outcome.attempts],
         dump=base64.b64encode(zlib.compress(outcome.dump.encode(), 6)).decode() if outcome.dump is not None else None,
     )
     body = payload.model_dump_json()
@@ -116,7 +118,7 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
                        reasons=list(result.reasons), started=result.started, finished=result.finished or time.time(),
                        provenance=result.provenance if isinstance(result.provenance, dict) else {},
                        log=list(result.log))
-    outcome = Outcome(record, attempts=[(a.host, a.status, a.reason) for a in result.attempts])
+    outcome = Outcome(record, attempts=[Attempt(a.host, a.status, a.reason, a.misconfigured) for a in result.attempts])
     if result.dump is None:
         if result.status not in (*RETRYABLE, "cancelled"):
             raise Rejected(f"it says {result.status} but brings no dump")

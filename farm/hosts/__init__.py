@@ -27,6 +27,13 @@ class HostError(OperationalError):
     """A host could not be reached or did not do what it was asked (an infrastructure failure)."""
 
 
+class HostConfigError(HostError):
+    """The host was reached but is not set up as farm needs: its cache dir cannot be created or
+    written, the agent's Python or the agent's user is missing, it is of another arch than the
+    inventory says. A job fails (and moves to another host) as for any HostError, but the host is
+    not unwell: it is recorded as its last failure and does not count toward quarantine."""
+
+
 @dataclass
 class Completed:
     argv: list[str]

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import Cancellation, HostError, Transport, inflate
+from farm.hosts import Cancellation, HostConfigError, HostError, Transport, inflate
 from farm.hosts.server import AgentServer
 
 AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
@@ -105,12 +105,12 @@ class Agent:
                 reply = json.loads(done.stdout)
             except json.JSONDecodeError:
                 tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
-                raise HostError(
+                raise HostConfigError(
                     f"host {self.host.name!r}: cannot run the agent's Python {self.python!r} "
                     f"(exit {done.returncode}): {tail}"
                 ) from None
             if reply.get("error"):
-                raise HostError(f"host {self.host.name!r}: cache dir {cache!r}: {reply['error']}")
+                raise HostConfigError(f"host {self.host.name!r}: cache dir {cache!r}: {reply['error']}")
             known[key] = reply
         return known[key]
 

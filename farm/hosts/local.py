@@ -12,7 +12,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from farm.hosts import Cancellation, Completed, HostError, tell
+import errno
+
+from farm.hosts import Cancellation, Completed, HostConfigError, HostError, tell
 
 
 class LocalTransport:
@@ -25,9 +27,9 @@ class LocalTransport:
             try:
                 self._uid = pwd.getpwnam(self.user).pw_uid
             except KeyError:
-                raise HostError(f"host {name!r}: no local user {self.user!r}") from None
+                raise HostConfigError(f"host {name!r}: no local user {self.user!r}") from None
             if os.geteuid() != 0:
-                raise HostError(f"host {name!r}: running the agent as {self.user!r} needs root")
+                raise HostConfigError(f"host {name!r}: running the agent as {self.user!r} needs root")
 
     def run(
         self, argv: list[str], timeout: float | None = None, on_line: Callable[[str], None] | None = None,
@@ -45,7 +47,9 @@ class LocalTransport:
                 start_new_session=True,
             )
         except OSError as e:
-            raise HostError(f"host {self.name!r}: cannot run {argv[0]}: {e.strerror}") from None
+            missing = e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR)  # a path of the inventory
+            raise (HostConfigError if missing else HostError)(
+                f"host {self.name!r}: cannot run {argv[0]}: {e.strerror}") from None
         out_chunks: list[str] = []
         err_lines: list[str] = []
 

@@ -10,14 +10,15 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from farm.ledger import FINAL, Ledger, RunRecord, run_status
+from farm.ledger import FINAL, HostHealth, Ledger, RunRecord, run_status
 
 DUMPED = ("ok", "fake")  # final statuses that come with a dump judged real or fake
 
 
 @dataclass
-class LatestJob:
-    """The latest job of one QEMU release x arch[+variant]: the one with a dump, else the latest failure."""
+class CellJob:
+    """A job that may stand for its cell (QEMU release asked for x arch[+variant]): the latest of its
+    kind there (a real dump, another dump, a failure); the view picks the best."""
 
     job: str
     run: int
@@ -63,8 +64,9 @@ class Queries:
 
     # --- coverage -----------------------------------------------------------------------
 
-    def latest_jobs(self) -> list[LatestJob]:
-        """Per (QEMU release, arch, variant): the latest job with a dump, else the latest final job."""
+    def cell_jobs(self) -> list[CellJob]:
+        """Per (QEMU release asked for, arch, variant): its latest final job of each kind (a real
+        dump, another dump, a failure); a wrong-version job belongs to the release it asked for."""
         marks = ",".join("?" * len(FINAL))
         with self._db() as db:
             rows = db.execute(
@@ -74,11 +76,10 @@ class Queries:
                 FINAL,
             ).fetchall()
             chosen: dict[tuple, sqlite3.Row] = {}
-            for row in rows:  # in time order: later rows replace earlier ones
-                key = (row["qemu"], row["arch"], row["variant"])
-                held = chosen.get(key)
-                if held is None or row["status"] in DUMPED or held["status"] not in DUMPED:
-                    chosen[key] = row
+            for row in rows:  # in time order: later rows replace earlier ones of their kind
+                kind = "real" if row["status"] == "ok" and row["verdict"] == "real" else (
+                    "dump" if row["status"] in DUMPED else "failed")
+                chosen[(row["qemu"], row["arch"], row["variant"], kind)] = row
             provenance = {}
             ids = [r["id"] for r in chosen.values()]
             for start in range(0, len(ids), 500):
@@ -88,8 +89,8 @@ class Queries:
                 ):
                     provenance[p["id"]] = json.loads(p["provenance"]) if p["provenance"] else None
         return [
-            LatestJob(r["id"], r["run"], r["qemu"], r["arch"], r["variant"], r["host"], r["status"], r["verdict"],
-                      json.loads(r["reasons"]), r["artifact"], r["finished"], provenance.get(r["id"]))
+            CellJob(r["id"], r["run"], r["qemu"], r["arch"], r["variant"], r["host"], r["status"], r["verdict"],
+                    json.loads(r["reasons"]), r["artifact"], r["finished"], provenance.get(r["id"]))
             for r in chosen.values()
         ]
 
@@ -118,9 +119,11 @@ class Queries:
 
     # --- hosts --------------------------------------------------------------------------
 
-    def hosts_health(self) -> dict[str, dict]:
+    def hosts_health(self) -> dict[str, HostHealth]:
         with self._db() as db:
-            return {r["name"]: dict(r) for r in db.execute("SELECT * FROM hosts")}
+            rows = db.execute("SELECT * FROM hosts").fetchall()
+        return {r["name"]: HostHealth(r["name"], r["last_seen"], r["last_failure"], r["last_failure_reason"],
+                                      r["failures"], bool(r["quarantined"]), r["last_failure_kind"]) for r in rows}
 
     def last_host_facts(self) -> dict[str, dict]:
         """Each host's facts as its latest job with provenance recorded them (KVM usable, kernel, CPU)."""

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from farm.caps.arch import Architecture
-from farm.caps.names import DumpName, column
+from farm.caps.names import column
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError
-from farm.web.queries import LatestJob, Queries
+from farm.ledger import HostHealth
+from farm.web.queries import CellJob, Queries
 
 STATES = ("real", "fake", "stale", "failed", "missing")
 RUNS_PER_PAGE = 50
@@ -42,22 +43,23 @@ def _libvirt_key(text: str | None) -> tuple:
         return ()
 
 
-def farm_cells(latest: list[LatestJob], artifacts: Path) -> list[dict]:
-    """The farm's matrix: one cell per QEMU release x arch[+variant] the ledger has a final job for."""
+RANK = {"real": 0, "fake": 1, "stale": 2, "failed": 3}  # which job a cell shows: the best, then the latest
+
+
+def farm_cells(jobs: list[CellJob], artifacts: Path) -> list[dict]:
+    """The farm's matrix: one cell per QEMU release (asked for) x arch[+variant] the ledger has a final
+    job for, showing its best job: a current real dump over a fake over a stale one over a failure
+    (the latest of equals). A wrong-version job is a failure of the release it asked for; its dump,
+    kept under its true name, says nothing of that release's cell."""
     newest_probe: dict[str, tuple] = {}  # arch -> newest libvirt (probe code) version among the dumps
-    for j in latest:
+    for j in jobs:
         version = _probe_version(j)
         if j.status in ("ok", "fake") and version:
             newest_probe[j.arch] = max(newest_probe.get(j.arch, ()), _libvirt_key(version))
-    cells = []
-    for j in latest:
-        version, col = j.qemu, column(j.arch, j.variant)
+    best: dict[tuple, dict] = {}
+    for j in jobs:
+        col = column(j.arch, j.variant)
         artifact = _relative(j.artifact, artifacts)
-        if artifact and j.artifact:
-            try:  # a wrong-version dump is kept under its true name
-                version = str(DumpName.parse(Path(j.artifact).name).version)
-            except FarmError:
-                pass
         probe = _probe_version(j)
         reasons = list(j.reasons)
         if j.status not in ("ok", "fake"):
@@ -69,18 +71,21 @@ def farm_cells(latest: list[LatestJob], artifacts: Path) -> list[dict]:
             reasons.insert(0, f"probed with libvirt {probe}'s qemucapsprobe; libvirt {newest} probes this arch now")
         else:
             state = "real" if j.verdict == "real" else "fake"
-        cells.append({
-            "source": "farm", "version": version, "column": col, "state": state, "verdict": j.verdict,
+        cell = {
+            "source": "farm", "version": j.qemu, "column": col, "state": state, "verdict": j.verdict,
             "status": j.status, "reasons": reasons, "run": j.run, "job": j.job, "host": j.host,
             "finished": j.finished, "libvirt": probe,
             "expects_real": _expects_real(j.arch),
             "dump": f"/artifacts/{artifact}" if artifact else None,
             "provenance": f"/artifacts/{Path(artifact).parent}/provenance.json" if artifact else None,
-        })
-    return cells
+        }
+        held = best.get((j.qemu, col))
+        if held is None or (RANK[state], -(j.finished or 0)) < (RANK[held["state"]], -(held["finished"] or 0)):
+            best[(j.qemu, col)] = cell
+    return list(best.values())
 
 
-def _probe_version(j: LatestJob) -> str | None:
+def _probe_version(j: CellJob) -> str | None:
     return ((j.provenance or {}).get("libvirt") or {}).get("libvirt_version")
 
 
@@ -150,7 +155,7 @@ class TreeCoverage:
 
 
 def coverage(queries: Queries, tree: TreeCoverage) -> dict:
-    farm = farm_cells(queries.latest_jobs(), queries.ledger.artifacts)
+    farm = farm_cells(queries.cell_jobs(), queries.ledger.artifacts)
     treecells = tree.cells()
     versions = sorted({c["version"] for c in farm + treecells}, key=_version_key, reverse=True)
     columns = sorted({c["column"] for c in farm + treecells}, key=_column_order)
@@ -203,16 +208,14 @@ def hosts(queries: Queries, inventory) -> list[dict]:
     entries += [(name, None, None) for name in sorted(health) if name not in known]
     out = []
     for name, arch, transport in entries:
-        h = health.get(name) or {}
+        h = health.get(name) or HostHealth(name)
         f = facts.get(name) or {}
         kvm = f.get("kvm") or {}
-        failures = h.get("failures") or 0
-        quarantined = bool(h.get("quarantined"))
         out.append({
             "name": name, "arch": arch, "transport": transport, "in_inventory": name in known,
-            "health": "quarantined" if quarantined else ("failing" if failures else ("ok" if h else "unknown")),
-            "failures": failures, "quarantined": quarantined, "last_seen": h.get("last_seen"),
-            "last_failure": h.get("last_failure"), "last_failure_reason": h.get("last_failure_reason"),
+            "health": h.state, "failures": h.failures, "quarantined": h.quarantined, "last_seen": h.last_seen,
+            "last_failure": h.last_failure, "last_failure_reason": h.last_failure_reason,
+            "last_failure_kind": h.last_failure_kind, "failing_now": h.failing_now,
             "kvm_usable": kvm.get("usable") if kvm else None, "machine": f.get("arch"), "kernel": f.get("kernel"),
             "cpu": f.get("cpu_model"),
             "running": [{"job": j["id"], "run": j["run"], "qemu": j["qemu"],
