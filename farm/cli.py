@@ -744,6 +744,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port (1-65535): {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
     sub = parser.add_subparsers(metavar="COMMAND")
@@ -838,7 +845,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command(sub, "dashboard", cmd_dashboard, "serve the web dashboard: coverage, hosts, runs, JSON API, /metrics")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080)")
     inventory_option(p)
     p.add_argument("--libvirt", metavar="PATH", help="libvirt tree to show coverage of (default: $FARM_LIBVIRT_CHECKOUT)")
 

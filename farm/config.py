@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from farm.errors import OperationalError, UsageError
@@ -212,5 +212,11 @@ def _without_password(url: str) -> str:
 
 @functools.cache
 def settings() -> Settings:
-    """The settings of this process, read once (``settings.cache_clear()`` re-reads them)."""
-    return Settings()
+    """The settings of this process, read once (``settings.cache_clear()`` re-reads them). A bad
+    value is a UsageError naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = "FARM_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise UsageError(f"{name}: {first['msg']} (got {str(first.get('input'))[:80]!r})") from None

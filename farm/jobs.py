@@ -31,6 +31,7 @@ from farm.caps.arch import Architecture
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
+from farm.errors import OperationalError
 from farm.hosts import Cancellation, Cancelled, HostConfigError, HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
 from farm.ledger import JobRecord, Ledger
@@ -228,7 +229,12 @@ def keep(ledger: Ledger, outcome: Outcome) -> JobRecord:
             ledger.host_seen(host)
     r = outcome.record
     if outcome.dump is not None and outcome.name:
-        r.artifact = str(ledger.store_artifact(r.run, r.id, outcome.name, outcome.dump, r.provenance or {}))
+        try:
+            r.artifact = str(ledger.store_artifact(r.run, r.id, outcome.name, outcome.dump, r.provenance or {}))
+        except (OSError, OperationalError) as e:  # a full disk, a planted symlink: the job fails, saying so
+            reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+            r.status, r.verdict, r.artifact = "failed", None, None
+            r.reasons = [f"cannot store the dump: {reason}"] + r.reasons
     return ledger.finish_job(r)
 
 

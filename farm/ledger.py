@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from farm.errors import UsageError
+from farm.errors import OperationalError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ CREATE INDEX IF NOT EXISTS publications_run ON publications(run);
 FINAL = ("ok", "fake", "invalid", "wrong-version", "failed", "timeout", "cancelled")
 
 
+_ARTIFACT_NAME = re.compile(r"caps_[0-9]+\.[0-9]+\.[0-9]+[._][a-z0-9_]+(\+[a-z]+)?\.replies")  # as libvirt names dumps
+_JOB_ID = re.compile(r"run-[0-9]+-[a-z0-9_]+(\+[a-z]+)?")
 HEARTBEAT = 2.0  # seconds between a run driver's heartbeats
 STALE = 30.0  # seconds without a heartbeat after which a run's driver is taken for dead
 
@@ -288,10 +291,35 @@ class Ledger:
     def __init__(self, state_dir: Path, quarantine_after: int = 3):
         self.state_dir = Path(state_dir)
         self.quarantine_after = quarantine_after
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.artifacts = self.state_dir / "artifacts"
         self.path = self.state_dir / "ledger.sqlite"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OperationalError(f"{self.state_dir}: cannot create the state dir (FARM_STATE_DIR): "
+                                   f"{e.strerror}") from None
+        if self.path.exists() and not self.path.is_file():
+            raise OperationalError(f"{self.path}: the ledger is not a regular file")
+        if self.path.is_file() and self.path.stat().st_size == 0 and self._last_artifact_run():
+            raise self._damaged("it is empty, but the artifact store beside it has runs")
         self._key = str(self.path.resolve())
+        self._migrate()
+
+    def _damaged(self, why: str) -> OperationalError:
+        return OperationalError(
+            f"{self.path}: the ledger is damaged ({why}); move it aside (mv {self.path} {self.path}.damaged) "
+            f"and farm starts a new one: the dumps in {self.artifacts} stay, new runs are numbered after theirs")
+
+    def _last_artifact_run(self) -> int:
+        """The highest run number of the artifact store (0: none), so that a new ledger never
+        numbers a run like one whose artifacts are kept."""
+        try:
+            names = [p.name for p in self.artifacts.iterdir()]
+        except OSError:
+            return 0
+        return max((int(n[4:]) for n in names if n.startswith("run-") and n[4:].isdigit()), default=0)
+
+    def _migrate(self) -> None:
         with self._db() as db:
             db.executescript(SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}
@@ -315,13 +343,20 @@ class Ledger:
         synchronous=NORMAL: a crash of farm loses nothing; a power cut may lose the last
         commits, never consistency (and `farm runs resume` redoes unfinished jobs)."""
         with _lock_of(self._key):
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            except sqlite3.Error as e:
+                raise OperationalError(f"{self.path}: cannot open the ledger: {e}") from None
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA busy_timeout=30000")
                 db.row_factory = sqlite3.Row
                 yield db
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, sqlite3.OperationalError) or "malformed" not in str(e) and "not a database" not in str(e):
+                    raise OperationalError(f"{self.path}: {e}") from None
+                raise self._damaged(str(e)) from None
             finally:
                 db.close()
 
@@ -332,12 +367,16 @@ class Ledger:
         timeout: float | None = None, qemu_ref: str | None = None,
     ) -> int:
         with self._db() as db:
-            cur = db.execute(
-                "INSERT INTO runs (qemu, archs, variant, inventory, mode, timeout, qemu_ref, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (qemu, json.dumps(archs), variant, inventory, mode, timeout, qemu_ref, time.time()),
+            db.execute("BEGIN IMMEDIATE")
+            last = db.execute("SELECT COALESCE(MAX(id), 0) FROM runs").fetchone()[0]
+            run = max(int(last), self._last_artifact_run()) + 1  # never the number of kept artifacts
+            db.execute(
+                "INSERT INTO runs (id, qemu, archs, variant, inventory, mode, timeout, qemu_ref, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, qemu, json.dumps(archs), variant, inventory, mode, timeout, qemu_ref, time.time()),
             )
-            return int(cur.lastrowid)
+            db.execute("COMMIT")
+            return run
 
     def reopen_run(self, run: int) -> None:
         with self._db() as db:
@@ -552,11 +591,16 @@ class Ledger:
         Written to a temporary directory and renamed into place; an existing
         artifact of the same job is never overwritten (the first one stays).
         """
+        if not (_ARTIFACT_NAME.fullmatch(name) and _JOB_ID.fullmatch(job_id) and job_id.startswith(f"run-{run}-")):
+            raise OperationalError(f"refusing to store an artifact named {name!r} for job {job_id!r}")
         final = self.artifacts / f"run-{run}" / job_id
         target = final / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        store = self.artifacts.resolve()
+        if final.parent.resolve() != store / f"run-{run}" or (final.exists() and final.resolve() != store / f"run-{run}" / job_id):
+            raise OperationalError(f"{final}: a symlink out of the artifact store {store}; refusing to write there")
         if target.exists():
             return target
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{job_id}.", dir=final.parent))
         try:
             (tmp / name).write_text(dump, encoding="utf-8")
