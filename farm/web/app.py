@@ -1,5 +1,8 @@
 """The dashboard: server-rendered pages (Starlette + Jinja2), a JSON API behind each, Prometheus /metrics.
 
+Handlers are synchronous: Starlette runs them in its thread pool, so SQLite and file work never
+blocks the event loop (a slow tree recompute holds up only the requests that need the tree).
+
 Reading needs no authentication. Actions (POST /api/hosts/NAME/release,
 POST /api/runs/N/jobs/JOB/rerun) need
 ``Authorization: Bearer <token>`` with the token of FARM_DASHBOARD_TOKEN(_FILE),
@@ -54,16 +57,16 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
     def page(request: Request, name: str, **context) -> Response:
         return templates.TemplateResponse(request, name, context)
 
-    async def coverage_page(request: Request) -> Response:
+    def coverage_page(request: Request) -> Response:
         return page(request, "coverage.html", view=views.coverage(queries, tree_coverage), nav="coverage")
 
-    async def coverage_api(request: Request) -> Response:
+    def coverage_api(request: Request) -> Response:
         return JSONResponse(views.coverage_json(views.coverage(queries, tree_coverage)))
 
-    async def hosts_page(request: Request) -> Response:
+    def hosts_page(request: Request) -> Response:
         return page(request, "hosts.html", hosts=views.hosts(queries, inventory), nav="hosts")
 
-    async def hosts_api(request: Request) -> Response:
+    def hosts_api(request: Request) -> Response:
         return JSONResponse(views.hosts(queries, inventory))
 
     def _page_number(request: Request) -> int:
@@ -72,32 +75,32 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
         except ValueError:
             raise HTTPException(400, "page: a number") from None
 
-    async def runs_page(request: Request) -> Response:
+    def runs_page(request: Request) -> Response:
         return page(request, "runs.html", view=views.runs_page(queries, _page_number(request)), nav="runs")
 
-    async def runs_api(request: Request) -> Response:
+    def runs_api(request: Request) -> Response:
         return JSONResponse(views.runs_page(queries, _page_number(request)))
 
     def _run(request: Request) -> dict:
         try:
             return views.run_detail(ledger, int(request.path_params["run"]))
-        except FarmError:
+        except (FarmError, OverflowError, ValueError):  # unknown, or beyond SQLite's integers
             raise HTTPException(404, f"no run {request.path_params['run']}") from None
 
-    async def run_page(request: Request) -> Response:
+    def run_page(request: Request) -> Response:
         return page(request, "run.html", run=_run(request), nav="runs")
 
-    async def run_api(request: Request) -> Response:
+    def run_api(request: Request) -> Response:
         return JSONResponse(_run(request))
 
-    async def metrics(request: Request) -> Response:
+    def metrics(request: Request) -> Response:
         return PlainTextResponse(views.metrics(queries, inventory, tree_coverage),
                                  media_type="text/plain; version=0.0.4")
 
-    async def artifact(request: Request) -> Response:
+    def artifact(request: Request) -> Response:
         return _file_under(ledger.artifacts, request.path_params["path"])
 
-    async def tree_file(request: Request) -> Response:
+    def tree_file(request: Request) -> Response:
         tree_coverage.cells()
         if tree_coverage.directory is None:
             raise HTTPException(404, "no libvirt tree configured")
@@ -106,7 +109,7 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
             raise HTTPException(404, "not a dump of the tree")
         return _file_under(tree_coverage.directory, name)
 
-    async def release_host(request: Request) -> Response:
+    def release_host(request: Request) -> Response:
         _authorize(request, token)
         name = request.path_params["name"]
         known = {h.name for h in inventory.hosts} if inventory else set()
@@ -114,15 +117,15 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
             raise HTTPException(404, f"no host {name!r}")
         return JSONResponse({"released": ledger.release_host(name).to_json()})
 
-    async def rerun_job(request: Request) -> Response:
+    def rerun_job(request: Request) -> Response:
         """Probe a job's QEMU release and arch again, as a new run (in the background)."""
         _authorize(request, token)
         if inventory is None:
             raise HTTPException(409, "the dashboard has no inventory to run jobs on (--inventory)")
         try:
             record = ledger.run(request.path_params["run"])
-        except FarmError as e:
-            raise HTTPException(404, str(e)) from None
+        except (FarmError, OverflowError, ValueError):  # no server paths in answers
+            raise HTTPException(404, f"no run {request.path_params['run']}") from None
         job = next((j for j in record.jobs if j.id == request.path_params["job"]), None)
         if job is None:
             raise HTTPException(404, f"no job {request.path_params['job']!r} in run {record.id}")
@@ -193,9 +196,13 @@ def _authorize(request: Request, token: str | None) -> None:
 
 def _file_under(root: Path, relative: str) -> Response:
     """A file below ``root`` only (no way out by .. or symlinks)."""
-    root = root.resolve()
-    target = (root / relative).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
+    try:
+        root = root.resolve()
+        target = (root / relative).resolve()
+        found = target.is_relative_to(root) and target.is_file()  # a regular file: no FIFO, no device
+    except (OSError, ValueError):  # a NUL byte, a name too long, a loop of links
+        found = False
+    if not found:
         raise HTTPException(404, "no such file")
     media = "application/json" if target.suffix == ".json" else "text/plain; charset=utf-8"
     return FileResponse(target, media_type=media)
