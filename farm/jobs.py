@@ -14,6 +14,7 @@ does not validate), ``wrong-version`` (QEMU is not the release asked for),
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing
 import os
 import platform
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from farm import __version__
@@ -102,7 +104,8 @@ class HostSlots:
     candidate hosts, the least busy first, or waits in line; a slot given back goes straight
     to the first job in line that can use that host (only that job is woken)."""
 
-    def __init__(self, hosts: list):
+    def __init__(self, hosts: list, leases: Path | None = None):
+        self.leases = leases  # a directory of lock files: slots held across the processes sharing it
         self._free = {h.name: h.max_jobs for h in hosts}
         self._size = dict(self._free)
         self._lock = threading.Lock()
@@ -147,24 +150,61 @@ class HostSlots:
                 cancel.check()
             host = turn[2][0]
         held = [True]
+        try:
+            lease = self._lease(host, cancel)
+        except BaseException:
+            self._give_back(host)
+            raise
 
         def release() -> None:
             with self._lock:
                 if not held[0]:
                     return
                 held[0] = False
-                for i, (candidates, woken, given) in enumerate(self._line):
-                    if host.name in candidates:
-                        del self._line[i]
-                        given.append(candidates[host.name])
-                        woken.set()
-                        return
-                self._free[host.name] += 1
+                if lease is not None:
+                    os.close(lease)
+                self._pass_on(host)
 
         try:
             yield host, release
         finally:
             release()
+
+    def _pass_on(self, host) -> None:
+        """A slot of ``host`` given back (lock held): to the first job in line that can use it."""
+        for i, (candidates, woken, given) in enumerate(self._line):
+            if host.name in candidates:
+                del self._line[i]
+                given.append(candidates[host.name])
+                woken.set()
+                return
+        self._free[host.name] += 1
+
+    def _give_back(self, host) -> None:
+        with self._lock:
+            self._pass_on(host)
+
+    def _lease(self, host, cancel: Cancellation | None) -> int | None:
+        """One of ``host``'s max_jobs lock files, held (flock) until the slot is given back, so that
+        processes sharing the leases directory (two `farm probe` of one state dir, a worker beside
+        them) never run more than max_jobs jobs on a host at once; waits for one (cancellable)."""
+        if self.leases is None:
+            return None
+        try:
+            self.leases.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OperationalError(f"{self.leases}: cannot keep host slots there: {e.strerror}") from None
+        while True:
+            for k in range(host.max_jobs):
+                fd = os.open(self.leases / f"{host.name}.{k}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    os.close(fd)
+            if cancel is not None:
+                cancel.check()
+            time.sleep(0.2)
 
 
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,

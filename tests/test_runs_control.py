@@ -167,3 +167,23 @@ def test_runs_cancel_of_an_unknown_job_names_the_runs_jobs(env, tmp_path):
     assert code == 2 and err.strip() == "farm: run 1 has no job s390x (its jobs: x86_64)"
     code, _, err = farm(env, "runs", "cancel", "7")
     assert code == 2 and "no run 7" in err
+
+
+def test_two_farm_probes_of_one_state_dir_share_a_hosts_slots(env, tmp_path):
+    """max_jobs: 1 holds across processes: the second probe's job waits for the first's."""
+    from tests.standin import RECORDED
+
+    build = tmp_path / "build"
+    probe = build / "tests" / "qemucapsprobe"
+    probe.parent.mkdir(parents=True)
+    spans = tmp_path / "spans"
+    probe.write_text(f"#!/bin/sh\necho start $(date +%s.%N) >> {spans}\nsleep 2\n"
+                     f"echo end $(date +%s.%N) >> {spans}\nexec cat {RECORDED}\n")
+    probe.chmod(0o755)
+    inventory = local_inventory(tmp_path / "inventory.yaml", build, ["x86-a"])
+    first, second = start_probe(env, inventory, "--quiet"), start_probe(env, inventory, "--quiet")
+    for cli in (first, second):
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 0 and json.loads(out)["jobs"][0]["status"] == "ok", err
+    stamps = [(word, float(t)) for word, t in (line.split() for line in spans.read_text().splitlines())]
+    assert [w for w, _ in sorted(stamps, key=lambda s: s[1])] == ["start", "end", "start", "end"], stamps

@@ -141,6 +141,7 @@ def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coor
     for host in hosts:
         _served[host.name] = host
     _slots.add(hosts)
+    _slots.leases = settings().state_dir / "slots"  # shared with the other farm processes of this machine
     _judges[0] = Judges.for_slots(_slots.size)
     _inventory[0] = inventory
     queues = {COORDINATOR_QUEUE} if coordinator else set()

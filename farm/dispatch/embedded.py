@@ -25,7 +25,7 @@ def dispatch(
     ``cancels`` (by job id) stop jobs. Interrupted (Ctrl-C, SIGTERM), every job is stopped and
     the ones it stopped are left unfinished in the ledger, for `farm runs resume`."""
     attempts = 1 + settings().max_retries  # hosts a job is tried on, as in the distributed dispatcher
-    slots = HostSlots([h for _, hosts in work for h in hosts])
+    slots = HostSlots([h for _, hosts in work for h in hosts], leases=ledger.state_dir / "slots")
     judges = Judges.for_slots(min(slots.size, len(work)))
     cancels = cancels if cancels is not None else {}
     interrupted = threading.Event()
