@@ -336,6 +336,8 @@ def cmd_publish(args) -> int:
         print(f"{d.target.name}: {d.action}" + (f" ({d.commit[:12]} {d.subject})" if d.commit else ""))
     for s in publication.skipped:
         print(f"skipped: {s}")
+    for w in publication.warnings:
+        print(f"warning: {w}")
     print(publication.message)
     return OK
 
@@ -348,7 +350,8 @@ def _publish(args, run: int, progress=None):
     opts = publisher.options_from_settings(
         settings(), Path(args.libvirt) if args.libvirt else None, mr=args.mr or None,
         patches=Path(args.patches) if args.patches else None, dry_run=args.dry_run or None,
-        allow_fake=args.allow_fake or None, tests=publisher.run_tests_names(args.tests),
+        allow_fake=args.allow_fake or None, allow_distro_build=args.allow_distro_build or None,
+        strict=args.strict or None, tests=publisher.run_tests_names(args.tests),
     )
     return publisher.publish(_ledger(), run, opts, progress)
 
@@ -651,6 +654,10 @@ def _publish_options(p) -> None:
     p.add_argument("--patches", metavar="DIR", help="write a git format-patch series with a cover letter")
     p.add_argument("--dry-run", action="store_true", help="check and compare only: no branch, no commits")
     p.add_argument("--allow-fake", action="store_true", help="publish fakes of archs libvirt expects real")
+    p.add_argument("--allow-distro-build", action="store_true", help="publish dumps of QEMU builds upstream does "
+                   "not take (distribution builds, micro releases)")
+    p.add_argument("--strict", action="store_true", help="refuse the whole run when one of its dumps cannot be "
+                   "published (default: skip it and say why)")
     p.add_argument("--tests", metavar="NAME,...", help="capability tests to regenerate (default: all of the tree's)")
 
 

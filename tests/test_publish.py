@@ -70,30 +70,41 @@ def options(tree: Path, **kw) -> publisher.Options:
 # ------------------------------------------------------------------------------- fast: no build
 
 
-def test_branch_and_commit_message(tmp_path: Path, data11: Path):
+def test_a_commit_message_is_short_wrapped_and_names_build_and_host_not_the_farm(data11: Path):
+    """libvirt's style: subject, a body of a few lines at most 72 columns; the full diff goes elsewhere."""
     assert publisher.branch_name("9.1.0", datetime.date(2025, 1, 2)) == "qemucaps/qemu-9.1.0-20250102"
-    old, new = dumps.load(data11 / "caps_9.1.0_x86_64.replies"), dumps.load(data11 / "caps_9.2.0_x86_64.replies")
+    old, new = dumps.load(data11 / "caps_8.2.0_x86_64.replies"), dumps.load(data11 / "caps_9.2.0_x86_64.replies")
     from farm.caps.diff import diff
+    from farm.caps.inspect import inspect
+    from farm.publish import message as messages
+    from tests.commit_style import check_commit_message
 
+    change = diff(old, new)
+    assert max(len(line) for line in change.to_text().splitlines()) > 72  # the raw diff would not fit
     placed = publisher.Placed("run-3-x86_64", "x86_64", "9.2.0", Path("a"), Path("caps_9.2.0_x86_64.replies"),
-                              "Add", "", diff(old, new), "caps_9.1.0_x86_64.replies",
-                              {"host": {"name": "h1", "facts": {"cpu_model": "AMD EPYC", "kernel": "6.1.0-1",
-                                                                "arch": "x86_64"}},
+                              "Add", "", change, "caps_8.2.0_x86_64.replies",
+                              {"host": {"name": "h1", "facts": {"cpu_model": "AMD EPYC 7B13 64-Core Processor",
+                                                                "kernel": "6.1.0-18-amd64", "arch": "x86_64"}},
                                "qemu": {"version_line": "QEMU emulator version 9.2.0", "origin": "system"},
                                "libvirt": {"libvirt_version": "11.3.0", "source": "git:URL@v11.3.0",
-                                           "commit": "abc123"}})
-    message = publisher.commit_message(placed, 3)
-    lines = message.splitlines()
+                                           "commit": "abc123"}},
+                              inspect(new))
+    message = messages.commit_message(placed)
+    lines = check_commit_message(message, signed=False)
     assert lines[0] == "qemucapabilitiesdata: Add test data for qemu-9.2.0 on x86_64"
-    assert lines[1] == "" and lines[2] == "Changes against caps_9.1.0_x86_64.replies:"
-    assert "caps_9.1.0_x86_64.replies" in message and "QEMU 9.1.0 -> 9.2.0" in message
-    assert len(lines) < publisher.SUMMARY_LINES + 20
-    assert "  Host: h1: AMD EPYC, x86_64, kernel 6.1.0-1" in lines
-    assert "  QEMU: QEMU emulator version 9.2.0 (system)" in lines
-    assert "  Probe: qemucapsprobe of libvirt 11.3.0 (git:URL@v11.3.0, commit abc123)" in lines
-    assert "farm run 3, job run-3-x86_64" in message
-    assert lines[-1] == "Probed and published by farm (run 3)."  # prose: git -s adds its trailer after it
-    assert "### `" in publisher.description([placed], 3)
+    text = " ".join(lines)
+    assert "QEMU 9.2.0 (v9.2.0, package 'v9.2.0') with KVM" in text
+    assert "AMD EPYC 7B13 64-Core Processor CPU, Linux 6.1.0-18-amd64" in text
+    assert "Notable changes against caps_8.2.0_x86_64.replies:" in lines
+    machines = next(c for c in change.features if c.title == "Machine types")
+    assert f"- Machine types: {len(machines.added)} added ({', '.join(machines.added[:3])}" in message
+    # the full diff: in the merge request (folded) and the cover letter (wrapped, folded)
+    markdown = messages.description([placed], 3)
+    assert "<details>" in markdown and "farm run 3" in markdown and machines.added[-1] in markdown
+    cover = messages.cover_blurb([placed], 3, ["caps_9.2.0_x86_64.replies: a warning"])
+    assert max(len(line) for line in cover.splitlines()) <= 72
+    assert "Machine types: " + machines.counts in cover and "a warning" in cover
+    assert "farm run 3, job run-3-x86_64" in cover.replace("\n    ", " ")
 
 
 def test_nothing_changed_nothing_published(env, mini: Remotes, data11: Path):
