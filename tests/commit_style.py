@@ -31,5 +31,5 @@ def check_commit_message(message: str, signed: bool = True) -> list[str]:
     text = " ".join(body)
     assert re.search(r"QEMU [0-9]+\.[0-9]+\.[0-9]+ \((v[0-9.]+|commit [0-9a-f]{12}), (package '[^']*'|no package string)\)",
                      text), text
-    assert re.search(r"host( with an? .+ CPU)?, Linux \S+", text), text
+    assert re.search(r"; host [a-z0-9_]+, .+, (Linux \S+|kernel unknown)\.", text), text
     return lines

@@ -59,14 +59,10 @@ def qemu_build(placed: Placed) -> str:
 
 
 def host(placed: Placed) -> str:
-    """'an x86_64 host with an AMD EPYC 7B13 CPU, Linux 6.1.0-18-amd64'."""
+    """'x86_64, AMD EPYC 7B13, Linux 6.1.0-18-amd64': the host's arch, CPU model and kernel."""
     facts = (placed.provenance.get("host") or {}).get("facts") or {}
-    machine = facts.get("arch") or placed.arch.split("+")[0]
-    cpu = facts.get("cpu_model")
-    kernel = facts.get("kernel")
-    return (f"an {machine} host" if machine[:1] in "aeiou" else f"a {machine} host") + \
-        (f" with an {cpu} CPU" if cpu and cpu[:1].lower() in "aeiou" else f" with a {cpu} CPU" if cpu else "") + \
-        (f", Linux {kernel}" if kernel else "")
+    parts = [facts.get("arch") or placed.arch.split("+")[0], facts.get("cpu_model") or "CPU unknown"]
+    return ", ".join(parts + ([f"Linux {facts['kernel']}"] if facts.get("kernel") else ["kernel unknown"]))
 
 
 def accelerator(placed: Placed) -> str:
@@ -77,7 +73,7 @@ def accelerator(placed: Placed) -> str:
 
 def commit_message(placed: Placed) -> str:
     """The commit message of one dump (without the Signed-off-by trailer git adds)."""
-    body = _wrap(f"Probed {qemu_build(placed)} with {accelerator(placed)} on {host(placed)}.")
+    body = _wrap(f"Probed {qemu_build(placed)} with {accelerator(placed)}; host {host(placed)}.")
     body.append("")
     change = placed.diff
     if change is None:

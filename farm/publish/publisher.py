@@ -161,12 +161,13 @@ class _Candidates:
     warnings: list[str]  # of every dump: "FILE: warning"
 
 
-def _candidates(run: RunRecord, opts: Options) -> _Candidates:
+def _candidates(run: RunRecord, opts: Options, say: Progress) -> _Candidates:
     """The run's dumps fit to publish, the jobs left out with why, and every dump's warnings.
 
     A dump that cannot be published (invalid; a fake where libvirt expects real hardware, unless
     allow_fake; a QEMU build upstream does not take, unless allow_distro_build) is left out and
-    reported; with strict it refuses the whole run. A run with nothing left is refused."""
+    reported; with strict it refuses the whole run. A run with nothing left is refused. Warnings and
+    skipped jobs are said as they are found, before any refusal."""
     found = _Candidates([], [], [])
     refused = []
     for job in run.jobs:
@@ -180,7 +181,9 @@ def _candidates(run: RunRecord, opts: Options) -> _Candidates:
         artifact = Path(job.artifact)
         name = DumpName.parse(artifact.name)
         inspection = inspect(dumps.load(artifact), name)
-        found.warnings += [f"{artifact.name}: {w}" for w in inspection.warnings]
+        for warning in inspection.warnings:
+            found.warnings.append(f"{artifact.name}: {warning}")
+            say(f"warning: {found.warnings[-1]}")
         build = upstream.build_problem(inspection.facts.qemu_version, inspection.facts.package)
         if inspection.verdict is Verdict.invalid:
             refused.append(f"{artifact.name}: invalid dump ({'; '.join(inspection.reasons[:3])})")
@@ -195,6 +198,8 @@ def _candidates(run: RunRecord, opts: Options) -> _Candidates:
     if refused and opts.strict:
         raise PublishError(f"run {run.id}: refusing to publish (--strict): " + "; ".join(refused))
     found.skipped += refused
+    for skip in found.skipped:
+        say(f"skipped: {skip}")
     if not found.chosen:
         raise PublishError(f"run {run.id} has no dump to publish ({'; '.join(found.skipped) or 'no jobs'})")
     return found
@@ -277,11 +282,7 @@ def publish(ledger: Ledger, run_id: int, opts: Options, progress: Progress | Non
     say = progress or (lambda message: None)
     run = ledger.run(run_id)
     opts.checkout = Path(opts.checkout).absolute()
-    found = _candidates(run, opts)
-    for skip in found.skipped:
-        say(f"skipped: {skip}")
-    for warning in found.warnings:
-        say(f"warning: {warning}")
+    found = _candidates(run, opts, say)
     token = None
     if opts.mr:
         if not opts.gitlab_project and opts.mr_method == "api":
