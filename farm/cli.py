@@ -197,6 +197,8 @@ def cmd_hosts_check(args) -> int:
     from farm.inventory import resolve_inventory
     from farm.jobs import check_host
 
+    from rich.markup import escape
+
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
     report = []
@@ -204,8 +206,9 @@ def cmd_hosts_check(args) -> int:
     for host in hosts:
         entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
-            facts = Agent(transport_for(host), host).facts()
-            entry.update(ok=True, facts=facts)
+            agent = Agent(transport_for(host), host)
+            facts = agent.facts()
+            entry.update(ok=True, facts=facts, network=agent.network())
             entry["real_dumps"] = bool(facts["kvm"]["usable"]) and Architecture.from_uname(facts.get("arch")) is host.arch
             check_host(host, facts)
             ledger.host_seen(host.name)
@@ -220,12 +223,14 @@ def cmd_hosts_check(args) -> int:
         from rich.table import Table
 
         table = Table(title=f"hosts of {inventory.source}")
-        for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes"):
+        for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes",
+                       "network"):
             table.add_column(column)
         for e in report:
             f = e.get("facts")
             if not f:
-                table.add_row(e["name"], e["arch"], "[red]unreachable[/]", e.get("error", ""), "", "", "", "", "")
+                table.add_row(e["name"], e["arch"], "[red]unreachable[/]", escape(e.get("error", "")), "", "", "", "",
+                              "", "")
                 continue
             kvm = f["kvm"]
             qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
@@ -235,9 +240,23 @@ def cmd_hosts_check(args) -> int:
                 "[green]yes[/]" if e["real_dumps"] else "[yellow]no (TCG only)[/]",
                 ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
                 str(len(f.get("probes", []))),
+                _network_cell(e["network"]),
             )
         _console().print(table)
     return OK if all(e["ok"] for e in report) else FINDINGS
+
+
+def _network_cell(network: dict) -> str:
+    """hosts check's network column: not needed, or needed for what and whether the host has it."""
+    from rich.markup import escape
+
+    if not network["needs"]:
+        return "[green]not needed[/]"
+    what = ", ".join(f"{k} {v}" for k, v in network["sources"].items())
+    failed = [f"{c['endpoint']}: {c.get('error')}" for c in network["checks"] if not c.get("ok")]
+    if network["reachable"]:
+        return f"[green]needed, reachable[/] ({escape(what)})"
+    return f"[red]needed, unreachable[/] ({escape('; '.join(failed) or what)})"
 
 
 def cmd_hosts_release(args) -> int:
