@@ -91,13 +91,13 @@ ONE_LINE = 300  # characters of an error in a job's reasons
 
 
 def one_line(text: str, limit: int = ONE_LINE) -> str:
-    """A failure's text as one line of at most ``limit`` characters: its telling line (an ``E:``,
-    ``error``, ``fatal:`` or ``FAILED`` line of a tool's output, else the first line)."""
+    """A failure's text as one line of at most ``limit`` characters: its first line and its telling
+    line (the last ``E:``, ``error``, ``fatal:`` or ``FAILED`` line of a tool's output)."""
     lines = [" ".join(line.split()) for line in str(text).splitlines() if line.strip()]
     if not lines:
         return ""
     first = lines[0]
-    telling = next((line for line in lines[1:] if re.match(r"(E:|error|ERROR|fatal:|FAILED)", line)), None)
+    telling = next((line for line in reversed(lines[1:]) if re.match(r"(E:|error|ERROR|fatal:|FAILED)", line)), None)
     out = first if telling is None or telling in first else f"{first} {telling}"
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
