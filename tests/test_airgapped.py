@@ -169,3 +169,18 @@ def test_an_offline_ssh_host_builds_qemucapsprobe_from_a_staged_tarball_and_prob
     assert not any("staging " in line for line in shown["jobs"][0]["log"])
     print(f"\noffline host, first probe: debian source failed after {failed_after:.1f} s; "
           f"staged tarball: {first_probe:.1f} s (upload + build + probe); next probe {again:.1f} s")
+
+
+def test_a_staged_source_that_is_a_fifo_or_missing_is_refused_without_blocking(tmp_path: Path):
+    from farm.hosts import HostError
+    from farm.hosts.agent import file_digest
+
+    fifo = tmp_path / "libvirt.tar.xz"
+    os.mkfifo(fifo)
+    with pytest.raises(HostError, match="not a regular file"):
+        file_digest(fifo)  # never opened: opening a FIFO would wait for a writer
+    with pytest.raises(HostError, match="cannot read it: No such file"):
+        file_digest(tmp_path / "missing.tar.xz")
+    real = tmp_path / "real.tar.xz"
+    real.write_bytes(b"x" * 3_000_000)
+    assert file_digest(real) == (__import__("hashlib").sha256(real.read_bytes()).hexdigest(), 3_000_000)
