@@ -99,7 +99,7 @@ def test_nightly_publishes_what_changed_and_then_nothing(env, libvirt, tmp_path:
     message = git(tree, "log", "-1", "--format=%B", branch)
     assert message.splitlines()[0] == SUBJECT
     assert message.endswith(f"Signed-off-by: {NAME} <{EMAIL}>")
-    assert "QEMU 7.2.0 (v7.2.0, package 'v7.2.0')" in message.replace("\n", " ")
+    assert "QEMU 7.2.0 (tag v7.2.0, package 'v7.2.0')" in message.replace("\n", " ")
     files = git(tree, "show", "--name-only", "--format=", commit).splitlines()
     assert str(CAPS / "caps_7.2.0_x86_64.replies") in files
     assert git(tree, "show", f"{commit}:{CAPS}/caps_7.2.0_x86_64.replies") == real.read_text().strip()

@@ -94,7 +94,7 @@ def test_a_commit_message_is_short_wrapped_and_names_build_and_host_not_the_farm
     lines = check_commit_message(message, signed=False)
     assert lines[0] == "qemucapabilitiesdata: Add test data for qemu-9.2.0 on x86_64"
     text = " ".join(lines)
-    assert "QEMU 9.2.0 (v9.2.0, package 'v9.2.0') with KVM" in text
+    assert "QEMU 9.2.0 (tag v9.2.0, package 'v9.2.0') with KVM" in text
     assert "host x86_64, AMD EPYC 7B13 64-Core Processor, Linux 6.1.0-18-amd64." in text
     assert "Notable changes against caps_8.2.0_x86_64.replies:" in lines
     machines = next(c for c in change.features if c.title == "Machine types")
@@ -332,7 +332,7 @@ def test_publish_a_probed_dump_with_patches_and_a_merge_request(env, libvirt: Re
         lines = check_commit_message(message)  # every line, against libvirt's style
         assert lines[0] == "qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64"
         assert lines[-1] == f"Signed-off-by: {NAME} <{EMAIL}>"
-        assert "QEMU 7.2.22 (v7.2.22, package 'Debian 1:7.2+dfsg-" in " ".join(lines)
+        assert "Probed QEMU 7.2.22 (package 'Debian 1:7.2+dfsg-" in " ".join(lines)
         print(message)  # shown with pytest -s
         assert git(tree, "log", "-1", "--format=%an <%ae>", commit) == f"{NAME} <{EMAIL}>"
         files = git(tree, "show", "--name-only", "--format=", commit).splitlines()

@@ -12,6 +12,7 @@ for details: the merge request description (Markdown, long lists folded) and the
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import TYPE_CHECKING
 
@@ -48,14 +49,22 @@ def _notable(change: Change) -> str:
 
 
 def qemu_build(placed: Placed) -> str:
-    """'QEMU 9.2.0 (v9.2.0, package 'v9.2.0')': version, tag or commit, package string."""
+    """'QEMU 9.2.0 (tag v9.2.0, package 'v9.2.0')': the version, the tag or commit when known (a
+    farm build's commit or ref, or a package string that is a tag), and the package string."""
     facts = placed.inspection.facts if placed.inspection else None
     qemu = placed.provenance.get("qemu") or {}
     version = str(facts.qemu_version) if facts and facts.qemu_version else (qemu.get("version") or "?")
-    commit = qemu.get("commit")
-    source = f"commit {commit[:12]}" if commit else f"v{version}" if version != "?" else "unknown build"
     package = facts.package if facts else None
-    return f"QEMU {version} ({source}, " + (f"package '{package}')" if package else "no package string)")
+    origin = str(qemu.get("origin") or "")
+    parts = []
+    if qemu.get("commit"):
+        parts.append(f"commit {str(qemu['commit'])[:12]}")
+    elif origin.startswith("git:") and re.fullmatch(r"v[0-9][\w.+-]*", origin.rpartition("@")[2]):
+        parts.append(f"tag {origin.rpartition('@')[2]}")
+    elif package and re.fullmatch(r"v[0-9]+\.[0-9]+\.[0-9]+(-rc[0-9]+)?", package):
+        parts.append(f"tag {package}")
+    parts.append(f"package '{package}'" if package else "no package string")
+    return f"QEMU {version} ({', '.join(parts)})"
 
 
 def host(placed: Placed) -> str:
