@@ -143,8 +143,9 @@ class Toolchain(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     libvirt: str = Field(
-        DEFAULT_LIBVIRT, description="debian:VERSION, git:URL@REF, tarball:PATH (on the coordinator, staged on "
-        "the host) or builddir:PATH (an existing libvirt build on the host)"
+        DEFAULT_LIBVIRT, description="debian:VERSION, git:URL@REF (git:/PATH.bundle@REF: a git bundle on the "
+        "coordinator, staged on the host), tarball:PATH (on the coordinator, staged on the host) or builddir:PATH "
+        "(an existing libvirt build on the host)"
     )
     qemu: str = Field("system", description="system, binary:PATH, tarball:PATH (on the coordinator, staged on the "
                       "host) or git:URL@REF")

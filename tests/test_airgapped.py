@@ -184,3 +184,50 @@ def test_a_staged_source_that_is_a_fifo_or_missing_is_refused_without_blocking(t
     real = tmp_path / "real.tar.xz"
     real.write_bytes(b"x" * 3_000_000)
     assert file_digest(real) == (__import__("hashlib").sha256(real.read_bytes()).hexdigest(), 3_000_000)
+
+
+def _bundle(tmp_path: Path) -> tuple[Path, str]:
+    """A git bundle of libvirt 11.3.0's source (one commit, tagged v11.3.0), as a coordinator would
+    make one of its mirror (`git bundle create FILE --all`): (the bundle, the commit)."""
+    import subprocess
+
+    source = CACHE / "src" / "libvirt-11.3.0"
+    if not (source / "meson.build").is_file():
+        pytest.skip(f"{source} missing: run ./bootstrap test (it fetches it)")
+    repo = tmp_path / "mirror.git"
+    git = ["git", "--git-dir", str(repo), "--work-tree", str(source), "-c", "user.name=farm tests",
+           "-c", "user.email=farm@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "--quiet", "--bare", str(repo)], check=True)
+    subprocess.run([*git, "add", "--all", "--force"], check=True, capture_output=True)
+    subprocess.run([*git, "commit", "--quiet", "--no-verify", "-m", "libvirt 11.3.0"], check=True)
+    subprocess.run([*git, "tag", "v11.3.0"], check=True)
+    bundle = tmp_path / "libvirt.bundle"
+    subprocess.run([*git, "bundle", "create", str(bundle), "--all"], check=True, capture_output=True)
+    commit = subprocess.run([*git, "rev-parse", "v11.3.0^{commit}"], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    return bundle, commit
+
+
+@pytest.mark.slow
+@needs_kvm
+@needs_x86
+def test_an_offline_ssh_host_builds_qemucapsprobe_from_a_staged_git_bundle(ssh_hosts, env, tmp_path: Path):
+    """git:PATH.bundle@REF: a bundle of the coordinator's mirror, staged like a tarball; the host
+    clones it (no network), checks out REF, builds and probes for real."""
+    bundle, commit = _bundle(tmp_path)
+    (h,) = ssh_hosts.create(1, prefix="bundle")
+    cache = _farm_cache(ssh_hosts, "cache")
+    source = f"git:{bundle}@v11.3.0"
+    inventory = ssh_hosts.inventory(tmp_path / "inv.yaml", [h.entry(toolchain={"libvirt": source,
+                                                                               "cache_dir": str(cache)})])
+    code, checked, err = farm(env, "hosts", "check", "--inventory", str(inventory), "--json")
+    assert code == 0 and checked[0]["network"]["needs"] is False, (checked, err)
+    code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--inventory", str(inventory),
+                          "--json", "--quiet")
+    assert out is not None, err
+    (job,) = out["jobs"]
+    assert code == 0 and (job["status"], job["verdict"]) == ("ok", "real"), out
+    (staged,) = (cache / "agent" / "staged").glob("*/libvirt.bundle")
+    assert staged.read_bytes() == bundle.read_bytes()
+    provenance = json.loads((Path(job["artifact"]).parent / "provenance.json").read_text())
+    assert provenance["libvirt"]["source"] == source and provenance["libvirt"]["commit"] == commit

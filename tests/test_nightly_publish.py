@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from farm.caps import dump as dumps
+from tests.commit_style import check_commit_message
 from tests.helpers import farm, needs_kvm, needs_x86
 from tests.standin import RECORDED, standin_builddir
 from tests.test_nightly import qemu_repo
@@ -97,6 +98,7 @@ def test_nightly_publishes_what_changed_and_then_nothing(env, libvirt, tmp_path:
     assert git(tree, "rev-parse", branch) == commit
     assert git(tree, "log", "--format=%H", f"{upstream_main}..{branch}").splitlines() == [commit]
     message = git(tree, "log", "-1", "--format=%B", branch)
+    check_commit_message(message)  # every line, against libvirt's style
     assert message.splitlines()[0] == SUBJECT
     assert message.endswith(f"Signed-off-by: {NAME} <{EMAIL}>")
     assert "QEMU 7.2.0 (tag v7.2.0, package 'v7.2.0')" in message.replace("\n", " ")

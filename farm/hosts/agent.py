@@ -102,6 +102,11 @@ def one_line(text: str, limit: int = ONE_LINE) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+def is_bundle(url: str) -> bool:
+    """Is a git source's URL a git bundle file of the coordinator (staged on the host like a tarball)?"""
+    return url.startswith("/") and url.endswith(".bundle")
+
+
 _digests: dict[tuple, tuple[str, int]] = {}
 _digests_lock = threading.Lock()
 
@@ -301,10 +306,15 @@ class Agent:
         return remote
 
     def _staged_source(self, source: str | None) -> str | None:
-        """A toolchain source as the agent on the host reads it: ``tarball:PATH`` (a file of this
-        machine) staged on the host; other sources as they are."""
+        """A toolchain source as the agent on the host reads it: ``tarball:PATH`` and
+        ``git:PATH.bundle@REF`` (files of this machine: a source tarball, a git bundle) staged on
+        the host; other sources as they are."""
         if source and source.startswith("tarball:"):
             return "tarball:" + self.stage(source[len("tarball:"):])
+        if source and source.startswith("git:"):
+            url, _, ref = source[len("git:"):].rpartition("@")
+            if is_bundle(url):
+                return f"git:{self.stage(url)}@{ref}"
         return source
 
     def job(self, libvirt: str, target: str, timeout: float, qemu_binary: str | None = None,
