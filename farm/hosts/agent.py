@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import threading
 import uuid
 import weakref
@@ -117,8 +118,6 @@ def file_digest(path: Path) -> tuple[str, int]:
         st = path.stat()
     except OSError as e:
         raise HostError(f"{path}: cannot read it: {e.strerror or e}") from None
-    import stat
-
     if not stat.S_ISREG(st.st_mode):
         raise HostError(f"{path}: not a regular file")
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
