@@ -169,6 +169,16 @@ def is_executable_file(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
+TELLING = re.compile(r"(E:|error|ERROR|Error|fatal:|FAILED|ninja: build stopped)")
+ONE_LINE = 240  # characters of a failure's text
+
+
+def one_line(text: str) -> str:
+    """text as one line of at most ONE_LINE characters (blanks squeezed)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= ONE_LINE else text[:ONE_LINE - 3] + "..."
+
+
 def run_capture(argv: List[str], timeout: float = 60, cwd: Optional[str] = None) -> str:
     """Run argv, return stdout; raise AgentError with the output's tail on failure."""
     try:
@@ -177,9 +187,10 @@ def run_capture(argv: List[str], timeout: float = 60, cwd: Optional[str] = None)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise AgentError("%s: %s" % (argv[0], exc))
     if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+        telling = [line for line in lines if TELLING.match(line.strip())]
         raise AgentError("%s failed (exit %d): %s" % (" ".join(argv[:3]), proc.returncode,
-                                                      " | ".join(tail)))
+                                                      one_line((telling or lines or ["no output"])[-1])))
     return proc.stdout.decode(errors="replace")
 
 
@@ -192,17 +203,20 @@ def run_streamed(argv: List[str], label: str, cwd: Optional[str] = None,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as exc:
         raise AgentError("%s: cannot run %s: %s" % (label, argv[0], exc))
-    tail = []  # type: List[str]
+    telling = None  # type: Optional[str]
+    last = None  # type: Optional[str]
     assert proc.stdout is not None
     for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip()
         if not line:
             continue
-        progress("%s: %s" % (label, line))
-        tail = (tail + [line])[-15:]
+        progress("%s: %s" % (label, line))  # the whole output: the job's log
+        last = line
+        if TELLING.match(line.strip()):
+            telling = line
     status = proc.wait()
-    if status != 0:
-        raise AgentError("%s failed (exit %d): %s" % (label, status, " | ".join(tail)))
+    if status != 0:  # one line: the tool's telling line (its last error), else its last line
+        raise AgentError("%s failed (exit %d): %s" % (label, status, one_line(telling or last or "no output")))
 
 
 @contextlib.contextmanager
@@ -490,8 +504,71 @@ def os_pretty_name() -> Optional[str]:
     return match.group(1) if match else None
 
 
+REACH_TIMEOUT = 3.0  # seconds per TCP connect of facts --reach
+
+
+def apt_source_endpoints() -> List[str]:
+    """HOST:PORT of the deb-src URIs in apt's sources (one-line and deb822 formats)."""
+    texts = [read_text("/etc/apt/sources.list") or ""]
+    directory = "/etc/apt/sources.list.d"
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir(directory)):
+            if name.endswith((".list", ".sources")):
+                texts.append(read_text(os.path.join(directory, name)) or "")
+    uris = []  # type: List[str]
+    for text in texts:
+        for line in text.splitlines():
+            match = re.match(r"\s*deb-src\s+(\[[^]]*\]\s+)?(\S+)", line)
+            if match:
+                uris.append(match.group(2))
+        for stanza in re.split(r"\n\s*\n", text):
+            if re.search(r"^Types:.*\bdeb-src\b", stanza, re.M):
+                match = re.search(r"^URIs:\s*(.+)$", stanza, re.M)
+                if match:
+                    uris += match.group(1).split()
+    endpoints = []  # type: List[str]
+    for uri in uris:
+        match = re.match(r"(https?)://(\[[^]]+\]|[^/:]+)(?::(\d+))?", uri)
+        if match:
+            port = match.group(3) or ("443" if match.group(1) == "https" else "80")
+            endpoint = "%s:%s" % (match.group(2).strip("[]"), port)
+            if endpoint not in endpoints:
+                endpoints.append(endpoint)
+    return endpoints
+
+
+def reach(endpoint: str, timeout: float = REACH_TIMEOUT) -> Dict:
+    """Can this host open a TCP connection to HOST:PORT? Best effort, within timeout."""
+    import socket
+
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return {"endpoint": endpoint, "ok": False, "error": "not HOST:PORT"}
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return {"endpoint": endpoint, "ok": True, "error": None}
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        return {"endpoint": endpoint, "ok": False, "error": reason}
+
+
+def reachability(endpoints: List[str]) -> List[Dict]:
+    """reach() of each endpoint; 'apt' stands for the hosts of apt's deb-src entries."""
+    out = []  # type: List[Dict]
+    for endpoint in endpoints:
+        if endpoint == "apt":
+            found = apt_source_endpoints()
+            if not found:
+                out.append({"endpoint": "apt", "ok": False, "error": "no deb-src entry in apt's sources"})
+            out += [reach(e) for e in found]
+        else:
+            out.append(reach(endpoint))
+    return out
+
+
 def cmd_facts(args: argparse.Namespace) -> Dict:
-    """Describe this host: arch, kernel, CPU, KVM, disk, QEMU binaries, cached probes."""
+    """Describe this host: arch, kernel, CPU, KVM, disk, QEMU binaries, cached probes, and
+    (--reach) whether it can open TCP connections to where its sources come from."""
     cache = resolve_cache(args.cache)
     uname = os.uname()
     qemus = []
@@ -515,6 +592,7 @@ def cmd_facts(args: argparse.Namespace) -> Dict:
         "free_disk_bytes": free_disk_bytes(cache),
         "qemu": qemus,
         "probes": list_probes(cache),
+        "reach": reachability(getattr(args, "reach", None) or []),
     }
 
 
@@ -1362,6 +1440,8 @@ def build_parser() -> argparse.ArgumentParser:
     facts.add_argument("--cache", help="cache dir (default $FARM_AGENT_CACHE or ~/.cache/farm-agent)")
     facts.add_argument("--target", action="append",
                        help="only report qemu-system-TARGET binaries (repeatable; default: all)")
+    facts.add_argument("--reach", action="append", metavar="HOST:PORT",
+                       help="try a TCP connection there (repeatable; 'apt': the hosts of apt's deb-src entries)")
 
     toolchain = sub.add_parser("toolchain", help="prepare qemucapsprobe or QEMU")
     what = toolchain.add_subparsers(dest="what", parser_class=JsonArgumentParser)

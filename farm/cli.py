@@ -207,6 +207,8 @@ def cmd_hosts_check(args) -> int:
     from farm.inventory import resolve_inventory
     from farm.jobs import check_host
 
+    from rich.markup import escape
+
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
     report = []
@@ -214,8 +216,9 @@ def cmd_hosts_check(args) -> int:
     for host in hosts:
         entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
-            facts = Agent(transport_for(host), host).facts()
-            entry.update(ok=True, facts=facts)
+            agent = Agent(transport_for(host), host)
+            facts = agent.facts()
+            entry.update(ok=True, facts=facts, network=agent.network())
             entry["real_dumps"] = bool(facts["kvm"]["usable"]) and Architecture.from_uname(facts.get("arch")) is host.arch
             check_host(host, facts)
             ledger.host_seen(host.name)
@@ -232,14 +235,15 @@ def cmd_hosts_check(args) -> int:
         from rich.table import Table
 
         table = Table(title=f"hosts of {inventory.source}")
-        for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes"):
+        for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes",
+                       "network"):
             table.add_column(column)
         for e in report:
             f = e.get("facts")
             if not f:
                 machine = "[yellow]reached[/]" if e["error_kind"] == "config" else "[red]unreachable[/]"
                 error = f"configuration error: {e['error']}" if e["error_kind"] == "config" else e["error"]
-                table.add_row(e["name"], e["arch"], machine, escape(error), "", "", "", "", "")
+                table.add_row(e["name"], e["arch"], machine, escape(error), "", "", "", "", "", "")
                 continue
             kvm = f["kvm"]
             qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
@@ -249,6 +253,7 @@ def cmd_hosts_check(args) -> int:
                 "[green]yes[/]" if e["real_dumps"] else "[yellow]no (TCG only)[/]",
                 ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
                 str(len(f.get("probes", []))),
+                _network_cell(e["network"]),
             )
         console = _console()
         console.print(table)
@@ -256,6 +261,19 @@ def cmd_hosts_check(args) -> int:
             if e.get("facts") and e.get("error"):
                 console.print(f"[yellow]{escape(e['name'])}[/]: configuration error: {escape(e['error'])}")
     return OK if all(e["ok"] for e in report) else FINDINGS
+
+
+def _network_cell(network: dict) -> str:
+    """hosts check's network column: not needed, or needed for what and whether the host has it."""
+    from rich.markup import escape
+
+    if not network["needs"]:
+        return "[green]not needed[/]"
+    what = ", ".join(f"{k} {v}" for k, v in network["sources"].items())
+    failed = [f"{c['endpoint']}: {c.get('error')}" for c in network["checks"] if not c.get("ok")]
+    if network["reachable"]:
+        return f"[green]needed, reachable[/] ({escape(what)})"
+    return f"[red]needed, unreachable[/] ({escape('; '.join(failed) or what)})"
 
 
 def cmd_hosts_release(args) -> int:
@@ -367,6 +385,8 @@ def cmd_publish(args) -> int:
         print(f"{d.target.name}: {d.action}" + (f" ({d.commit[:12]} {d.subject})" if d.commit else ""))
     for s in publication.skipped:
         print(f"skipped: {s}")
+    for w in publication.warnings:
+        print(f"warning: {w}")
     print(publication.message)
     return OK
 
@@ -379,7 +399,8 @@ def _publish(args, run: int, progress=None):
     opts = publisher.options_from_settings(
         settings(), Path(args.libvirt) if args.libvirt else None, mr=args.mr or None,
         patches=Path(args.patches) if args.patches else None, dry_run=args.dry_run or None,
-        allow_fake=args.allow_fake or None, tests=publisher.run_tests_names(args.tests),
+        allow_fake=args.allow_fake or None, allow_distro_build=args.allow_distro_build or None,
+        strict=args.strict or None, tests=publisher.run_tests_names(args.tests),
     )
     return publisher.publish(_ledger(), run, opts, progress)
 
@@ -730,6 +751,10 @@ def _publish_options(p) -> None:
     p.add_argument("--patches", metavar="DIR", help="write a git format-patch series with a cover letter")
     p.add_argument("--dry-run", action="store_true", help="check and compare only: no branch, no commits")
     p.add_argument("--allow-fake", action="store_true", help="publish fakes of archs libvirt expects real")
+    p.add_argument("--allow-distro-build", action="store_true", help="publish dumps of QEMU builds upstream does "
+                   "not take (distribution builds, micro releases)")
+    p.add_argument("--strict", action="store_true", help="refuse the whole run when one of its dumps cannot be "
+                   "published (default: skip it and say why)")
     p.add_argument("--tests", metavar="NAME,...", help="capability tests to regenerate (default: all of the tree's)")
 
 

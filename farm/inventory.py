@@ -105,9 +105,36 @@ def _parse_source(text: str, kinds: tuple[str, ...]) -> Source:
         if not _DEBIAN_VERSION.fullmatch(rest):
             raise ValueError(f"bad source {text!r}: expected debian:VERSION, e.g. debian:11.3.0-3+deb13u3")
         return Source(kind, rest)
-    if not rest.startswith("/"):  # binary:, tarball:, builddir:
-        raise ValueError(f"bad source {text!r}: expected {kind}:/absolute/path (on the host)")
+    where = "on the coordinator, staged on the host by farm" if kind == "tarball" else "on the host"
+    if not rest.startswith("/") or any(not c.isprintable() for c in rest):
+        raise ValueError(f"bad source {text!r}: expected {kind}:/absolute/path ({where})")
     return Source(kind, rest)
+
+
+LIBVIRT_KINDS = ("debian", "git", "tarball", "builddir")
+QEMU_KINDS = ("system", "binary", "tarball", "git")
+
+
+def network_endpoint(source: Source) -> str | None:
+    """Where the host fetches this source from over the network: ``HOST:PORT`` of a git URL,
+    ``apt`` (the hosts of apt's deb-src entries) for ``debian:``; None when it needs no network
+    (a path on the host, a tarball farm stages, the system QEMU)."""
+    if source.kind == "debian":
+        return "apt"
+    if source.kind != "git" or source.location.startswith(("/", "file://")):
+        return None
+    url = source.location
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # scp-like user@host:path
+        host = url.split(":", 1)[0].rsplit("@", 1)[-1]
+        return f"{host}:22"
+    authority = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    port = {"https": 443, "http": 80, "ssh": 22, "git": 9418}.get(scheme.lower(), 443)
+    if authority.startswith("["):  # [v6]:port
+        host, _, tail = authority[1:].partition("]")
+        return f"{host}:{tail.lstrip(':') or port}"
+    host, colon, explicit = authority.partition(":")
+    return f"{host}:{explicit if colon and explicit.isdigit() else port}"
 
 
 class Toolchain(BaseModel):
@@ -116,9 +143,12 @@ class Toolchain(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     libvirt: str = Field(
-        DEFAULT_LIBVIRT, description="debian:VERSION, git:URL@REF or builddir:PATH (an existing libvirt build)"
+        DEFAULT_LIBVIRT, description="debian:VERSION, git:URL@REF (git:/PATH.bundle@REF: a git bundle on the "
+        "coordinator, staged on the host), tarball:PATH (on the coordinator, staged on the host) or builddir:PATH "
+        "(an existing libvirt build on the host)"
     )
-    qemu: str = Field("system", description="system, binary:PATH, tarball:PATH or git:URL@REF")
+    qemu: str = Field("system", description="system, binary:PATH, tarball:PATH (on the coordinator, staged on the "
+                      "host) or git:URL@REF")
     cache_dir: str | None = Field(
         None,
         description="build and source cache directory on the host (default: ~/.cache/farm; "
@@ -128,22 +158,27 @@ class Toolchain(BaseModel):
     @field_validator("libvirt")
     @classmethod
     def _libvirt(cls, value: str) -> str:
-        _parse_source(value, ("debian", "git", "builddir"))
+        _parse_source(value, LIBVIRT_KINDS)
         return value
 
     @field_validator("qemu")
     @classmethod
     def _qemu(cls, value: str) -> str:
-        _parse_source(value, ("system", "binary", "tarball", "git"))
+        _parse_source(value, QEMU_KINDS)
         return value
 
     @property
     def libvirt_source(self) -> Source:
-        return _parse_source(self.libvirt, ("debian", "git", "builddir"))
+        return _parse_source(self.libvirt, LIBVIRT_KINDS)
 
     @property
     def qemu_source(self) -> Source:
-        return _parse_source(self.qemu, ("system", "binary", "tarball", "git"))
+        return _parse_source(self.qemu, QEMU_KINDS)
+
+    def network(self) -> dict[str, str]:
+        """The sources of this toolchain the host fetches over the network: {"libvirt"|"qemu": endpoint}."""
+        found = {"libvirt": network_endpoint(self.libvirt_source), "qemu": network_endpoint(self.qemu_source)}
+        return {what: endpoint for what, endpoint in found.items() if endpoint}
 
     @property
     def qemu_from_git(self) -> bool:

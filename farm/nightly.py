@@ -441,7 +441,8 @@ def _publish(ledger: Ledger, record, options: Callable[[], object] | None, say) 
     except (publisher.PublishError, UsageError) as e:  # e.g. no libvirt checkout configured
         return {"status": "error", "error": str(e)}
     return {"status": publication.status, "message": publication.message, "branch": publication.branch,
-            "commits": publication.commits, "mr_url": publication.mr_url}
+            "commits": publication.commits, "mr_url": publication.mr_url, "skipped": publication.skipped,
+            "warnings": publication.warnings}
 
 
 def next_time(expression: str, now: datetime.datetime | None = None) -> datetime.datetime:

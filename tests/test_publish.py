@@ -24,6 +24,7 @@ from farm.publish import publisher
 from farm.publish.git import Git
 from tests.gitlab_stub import GitLabStub
 from tests.helpers import farm, needs_kvm, needs_x86
+from tests.commit_style import check_commit_message
 from tests.publishing import CAPS, EMAIL, NAME, Remotes, add_remotes, git, snapshot
 
 TOKEN = "glpat-FarmSecretToken-0123456789"
@@ -70,30 +71,41 @@ def options(tree: Path, **kw) -> publisher.Options:
 # ------------------------------------------------------------------------------- fast: no build
 
 
-def test_branch_and_commit_message(tmp_path: Path, data11: Path):
+def test_a_commit_message_is_short_wrapped_and_names_build_and_host_not_the_farm(data11: Path):
+    """libvirt's style: subject, a body of a few lines at most 72 columns; the full diff goes elsewhere."""
     assert publisher.branch_name("9.1.0", datetime.date(2025, 1, 2)) == "qemucaps/qemu-9.1.0-20250102"
-    old, new = dumps.load(data11 / "caps_9.1.0_x86_64.replies"), dumps.load(data11 / "caps_9.2.0_x86_64.replies")
+    old, new = dumps.load(data11 / "caps_8.2.0_x86_64.replies"), dumps.load(data11 / "caps_9.2.0_x86_64.replies")
     from farm.caps.diff import diff
+    from farm.caps.inspect import inspect
+    from farm.publish import message as messages
+    from tests.commit_style import check_commit_message
 
+    change = diff(old, new)
+    assert max(len(line) for line in change.to_text().splitlines()) > 72  # the raw diff would not fit
     placed = publisher.Placed("run-3-x86_64", "x86_64", "9.2.0", Path("a"), Path("caps_9.2.0_x86_64.replies"),
-                              "Add", "", diff(old, new), "caps_9.1.0_x86_64.replies",
-                              {"host": {"name": "h1", "facts": {"cpu_model": "AMD EPYC", "kernel": "6.1.0-1",
-                                                                "arch": "x86_64"}},
+                              "Add", "", change, "caps_8.2.0_x86_64.replies",
+                              {"host": {"name": "h1", "facts": {"cpu_model": "AMD EPYC 7B13 64-Core Processor",
+                                                                "kernel": "6.1.0-18-amd64", "arch": "x86_64"}},
                                "qemu": {"version_line": "QEMU emulator version 9.2.0", "origin": "system"},
                                "libvirt": {"libvirt_version": "11.3.0", "source": "git:URL@v11.3.0",
-                                           "commit": "abc123"}})
-    message = publisher.commit_message(placed, 3)
-    lines = message.splitlines()
+                                           "commit": "abc123"}},
+                              inspect(new))
+    message = messages.commit_message(placed)
+    lines = check_commit_message(message, signed=False)
     assert lines[0] == "qemucapabilitiesdata: Add test data for qemu-9.2.0 on x86_64"
-    assert lines[1] == "" and lines[2] == "Changes against caps_9.1.0_x86_64.replies:"
-    assert "caps_9.1.0_x86_64.replies" in message and "QEMU 9.1.0 -> 9.2.0" in message
-    assert len(lines) < publisher.SUMMARY_LINES + 20
-    assert "  Host: h1: AMD EPYC, x86_64, kernel 6.1.0-1" in lines
-    assert "  QEMU: QEMU emulator version 9.2.0 (system)" in lines
-    assert "  Probe: qemucapsprobe of libvirt 11.3.0 (git:URL@v11.3.0, commit abc123)" in lines
-    assert "farm run 3, job run-3-x86_64" in message
-    assert lines[-1] == "Probed and published by farm (run 3)."  # prose: git -s adds its trailer after it
-    assert "### `" in publisher.description([placed], 3)
+    text = " ".join(lines)
+    assert "QEMU 9.2.0 (tag v9.2.0, package 'v9.2.0') with KVM" in text
+    assert "host x86_64, AMD EPYC 7B13 64-Core Processor, Linux 6.1.0-18-amd64." in text
+    assert "Notable changes against caps_8.2.0_x86_64.replies:" in lines
+    machines = next(c for c in change.features if c.title == "Machine types")
+    assert f"- Machine types: {len(machines.added)} added ({', '.join(machines.added[:3])}" in message
+    # the full diff: in the merge request (folded) and the cover letter (wrapped, folded)
+    markdown = messages.description([placed], 3)
+    assert "<details>" in markdown and "farm run 3" in markdown and machines.added[-1] in markdown
+    cover = messages.cover_blurb([placed], 3, ["caps_9.2.0_x86_64.replies: a warning"])
+    assert max(len(line) for line in cover.splitlines()) <= 72
+    assert "Machine types: " + machines.counts in cover and "a warning" in cover
+    assert "farm run 3, job run-3-x86_64" in cover.replace("\n    ", " ")
 
 
 def test_nothing_changed_nothing_published(env, mini: Remotes, data11: Path):
@@ -304,20 +316,24 @@ def test_publish_a_probed_dump_with_patches_and_a_merge_request(env, libvirt: Re
     token_file.write_text(TOKEN + "\n")
     with GitLabStub(TOKEN) as stub:
         env.update(FARM_GITLAB_URL=stub.url, FARM_GITLAB_PROJECT=stub.project, FARM_GITLAB_TOKEN_FILE=str(token_file))
-        code, published, err = farm(env, "publish", str(run), "--mr", "--patches", str(patches), "--json")
+        # Debian's QEMU (7.2.22): not what upstream takes, so only with --allow-distro-build
+        code, published, err = farm(env, "publish", str(run), "--mr", "--patches", str(patches), "--json",
+                                    "--allow-distro-build")
         assert code == 0, err
         outputs = [json.dumps(published), err]
+        assert any("QEMU build is not a vanilla release" in w for w in published["warnings"]), published
 
         # the commit: an Update of libvirt's own 7.2.0 dump, with the regenerated outputs, signed off
         assert published["status"] == "published"
         branch = published["branch"]
         assert branch == f"qemucaps/qemu-7.2.0-{datetime.date.today():%Y%m%d}"
         (commit,) = published["commits"]
-        message = git(tree, "log", "-1", "--format=%B", commit)
-        assert message.splitlines()[0] == "qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64"
-        assert "Changes against caps_7.2.0_x86_64.replies:" in message
-        assert message.endswith(f"(run {run}).\n\nSigned-off-by: {NAME} <{EMAIL}>")
-        assert "Host: local-x86_64:" in message and "kernel " in message and "QEMU emulator version 7.2" in message
+        message = git(tree, "log", "-1", "--format=%B", commit) + "\n"
+        lines = check_commit_message(message)  # every line, against libvirt's style
+        assert lines[0] == "qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64"
+        assert lines[-1] == f"Signed-off-by: {NAME} <{EMAIL}>"
+        assert "Probed QEMU 7.2.22 (package 'Debian 1:7.2+dfsg-" in " ".join(lines)
+        print(message)  # shown with pytest -s
         assert git(tree, "log", "-1", "--format=%an <%ae>", commit) == f"{NAME} <{EMAIL}>"
         files = git(tree, "show", "--name-only", "--format=", commit).splitlines()
         assert str(CAPS / "caps_7.2.0_x86_64.replies") in files
@@ -341,7 +357,8 @@ def test_publish_a_probed_dump_with_patches_and_a_merge_request(env, libvirt: Re
         assert f"Signed-off-by: {NAME} <{EMAIL}>" in patch
         cover = (patches / names[0]).read_text()
         assert "*** SUBJECT HERE ***" not in cover and "*** BLURB HERE ***" not in cover
-        assert f"farm run {run}" in cover
+        assert f"farm run {run}" in cover and "QMP schema: " in cover  # the full diff, folded
+        assert "QEMU build is not a vanilla release" in cover  # the warnings
 
         # the merge request: pushed to the fork, created once
         assert git(str(libvirt.fork), "rev-parse", f"refs/heads/{branch}") == commit
@@ -366,7 +383,8 @@ def test_publish_a_probed_dump_with_patches_and_a_merge_request(env, libvirt: Re
         git(tree, "branch", "-D", branch)
         code, out2, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--json", "--quiet")
         assert code == 0, err
-        code, again, err = farm(env, "publish", str(out2["run"]), "--mr", "--tests", "qemucapabilitiestest", "--json")
+        code, again, err = farm(env, "publish", str(out2["run"]), "--mr", "--tests", "qemucapabilitiestest", "--json",
+                                "--allow-distro-build")
         assert code == 0, err
         outputs += [json.dumps(again), err]
         assert again["mr_action"] == "updated" and again["mr_url"] == mr["web_url"]
@@ -406,7 +424,7 @@ def test_failing_regeneration_leaves_the_checkout_as_it_was(env, libvirt: Remote
     assert code == 0, err
     before = snapshot(tree)
     code, _, err = farm(env, "publish", str(out["run"]), "--tests", "qemucapabilitiestest", "--patches",
-                        str(tmp_path / "patches"))
+                        str(tmp_path / "patches"), "--allow-distro-build")
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert "caps_7.2.0_x86_64.replies: qemucapabilitiestest" in last and "still failed" in last, err
@@ -423,7 +441,7 @@ def test_probe_then_publish_in_one_command(env, mini: Remotes):
     """farm probe --publish calls the same publishing after the run (here a dry run into the small tree)."""
     before = snapshot(mini.tree)
     code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--quiet", "--json",
-                          "--publish", "--dry-run", "--libvirt", str(mini.tree))
+                          "--publish", "--dry-run", "--allow-distro-build", "--libvirt", str(mini.tree))
     assert code == 0, err
     assert out["jobs"][0]["status"] == "ok"
     pub = out["publication"]
@@ -444,7 +462,8 @@ def test_unreachable_fork_leaves_the_checkout_as_it_was(env, libvirt: Remotes, t
     before = snapshot(tree)
     with GitLabStub(TOKEN) as stub:
         env.update(FARM_GITLAB_URL=stub.url, FARM_GITLAB_PROJECT=stub.project, FARM_GITLAB_TOKEN=TOKEN)
-        code, _, err = farm(env, "publish", str(out["run"]), "--mr", "--tests", "qemucapabilitiestest")
+        code, _, err = farm(env, "publish", str(out["run"]), "--mr", "--tests", "qemucapabilitiestest",
+                            "--allow-distro-build")
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert "cannot push to the fork remote 'fork'" in last, err
@@ -463,7 +482,8 @@ def test_merge_request_by_push_options(env, libvirt: Remotes, tmp_path: Path):
     code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", "x86_64", "--json", "--quiet")
     assert code == 0, err
     env["FARM_MR_METHOD"] = "push-options"
-    code, published, err = farm(env, "publish", str(out["run"]), "--mr", "--tests", "qemucapabilitiestest", "--json")
+    code, published, err = farm(env, "publish", str(out["run"]), "--mr", "--tests", "qemucapabilitiestest", "--json",
+                                "--allow-distro-build")
     assert code == 0, err
     assert published["mr_action"] == "pushed" and published["mr_url"] is None
     assert record.read_text().splitlines() == [

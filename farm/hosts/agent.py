@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import threading
 import uuid
 import weakref
@@ -38,18 +40,42 @@ except OSError:
     digest = None
 print(json.dumps({"cache": cache, "sha256": digest}))
 """
-# move the uploaded agent into place atomically; print the sha256 of what is there now
+# move an uploaded file (argv[1]) into place (argv[2]) atomically if its sha256 is argv[3]
+# (else remove it and exit 1); print the sha256 of the upload
 _REPLACE_HELPER = """\
 import hashlib, os, sys
+digest = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+print(digest.hexdigest())
+if digest.hexdigest() != sys.argv[3]:
+    os.unlink(sys.argv[1])
+    sys.exit(1)
 os.chmod(sys.argv[1], 0o644)
 os.replace(sys.argv[1], sys.argv[2])
-with open(sys.argv[2], "rb") as f:
-    print(hashlib.sha256(f.read()).hexdigest())
+"""
+# is a staged file there (its name holds its sha256: it is only ever renamed into place once
+# verified), with this size? Creates its directory. Prints {"present": bool}
+_STAGED_HELPER = """\
+import json, os, sys
+try:
+    os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+    present = os.path.getsize(sys.argv[1]) == int(sys.argv[2])
+except OSError as e:
+    present = False
+    if not os.path.isdir(os.path.dirname(sys.argv[1])):
+        print(json.dumps({"error": "cannot create %s: %s" % (os.path.dirname(sys.argv[1]), e.strerror or e)}))
+        sys.exit(1)
+print(json.dumps({"present": present}))
 """
 
 # per transport: (python, cache as configured) -> {"cache": absolute path, "sha256": of the agent there}
 _installed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _installed_lock = threading.Lock()
+# per transport: staged file path on the host -> lock (held while it is checked or uploaded; then known present)
+_staged: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_staged_lock = threading.Lock()
 # per transport that can keep a command running (ssh): (python, agent path) -> [lock, its AgentServer]
 # (a lock per server: a host slow to start one does not hold up the others)
 _servers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -58,6 +84,54 @@ _servers_lock = threading.Lock()
 
 class AgentError(HostError):
     """The agent ran and reported a failure."""
+
+
+ONE_LINE = 300  # characters of an error in a job's reasons
+
+
+def one_line(text: str, limit: int = ONE_LINE) -> str:
+    """A failure's text as one line of at most ``limit`` characters: its first line and its telling
+    line (the last ``E:``, ``error``, ``fatal:`` or ``FAILED`` line of a tool's output)."""
+    lines = [" ".join(line.split()) for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first = lines[0]
+    telling = next((line for line in reversed(lines[1:]) if re.match(r"(E:|error|ERROR|fatal:|FAILED)", line)), None)
+    out = first if telling is None or telling in first else f"{first} {telling}"
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def is_bundle(url: str) -> bool:
+    """Is a git source's URL a git bundle file of the coordinator (staged on the host like a tarball)?"""
+    return url.startswith("/") and url.endswith(".bundle")
+
+
+_digests: dict[tuple, tuple[str, int]] = {}
+_digests_lock = threading.Lock()
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(sha256, size) of a file of this machine, computed once per (path, size, mtime)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise HostError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HostError(f"{path}: not a regular file")
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _digests_lock:
+        if key in _digests:
+            return _digests[key]
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise HostError(f"{path}: cannot read it: {e.strerror or e}") from None
+    with _digests_lock:
+        _digests[key] = (digest.hexdigest(), st.st_size)
+    return _digests[key]
 
 
 class Agent:
@@ -114,6 +188,16 @@ class Agent:
             known[key] = reply
         return known[key]
 
+    def _upload(self, local: Path, remote: str, digest: str, what: str, timeout: float = FACTS_TIMEOUT) -> None:
+        """Put ``local`` at ``remote`` on the host: over SFTP to a temporary name beside it, then
+        renamed into place once its sha256 there is ``digest`` (never a half-written file)."""
+        tmp = f"{remote}.tmp-{uuid.uuid4().hex[:12]}"
+        self.transport.put(local, tmp)
+        done = self.transport.run([self.python, "-c", _REPLACE_HELPER, tmp, remote, digest], timeout=timeout)
+        if done.returncode != 0 or done.stdout.strip() != digest:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or done.stdout.strip() or "no output"
+            raise HostError(f"host {self.host.name!r}: {what} at {remote} failed: {tail}")
+
     def install(self) -> bool:
         """Make the host's ``{cache}/farm_agent.py`` this farm's agent (by sha256), uploading it
         over SFTP to a temporary name and renaming it when it differs; checked once per
@@ -121,12 +205,7 @@ class Agent:
         digest = hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
         if self._remote.get("sha256") == digest:
             return False
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:12]}"
-        self.transport.put(AGENT_FILE, tmp)
-        done = self.transport.run([self.python, "-c", _REPLACE_HELPER, tmp, self.path], timeout=FACTS_TIMEOUT)
-        if done.returncode != 0 or done.stdout.strip() != digest:
-            tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or done.stdout.strip() or "no output"
-            raise HostError(f"host {self.host.name!r}: installing the agent at {self.path} failed: {tail}")
+        self._upload(AGENT_FILE, self.path, digest, "installing the agent")
         self._remote["sha256"] = digest
         self.uploaded = True
         with _servers_lock:  # a server still running the old agent
@@ -164,19 +243,91 @@ class Agent:
             raise AgentError(f"{what}: {reply.get('error') or f'exit {done.returncode}'}")
         return reply
 
+    def _one_line(self, text: str) -> str:
+        """An agent's error as one line for a job's reasons; a longer text also goes to progress."""
+        line = one_line(text)
+        if line != text.strip() and self.progress:
+            for part in text.strip().splitlines():
+                self.progress(f"error: {part}")
+        return line
+
     def _progress(self, line: str) -> None:
         if self.progress and line.startswith("progress: "):
             self.progress(line[len("progress: "):])
 
-    def facts(self, target: str | None = None) -> dict:
-        """Host facts; with ``target`` only that qemu-system-TARGET is looked at (faster)."""
-        return self.call("facts", "--cache", self.cache, *(["--target", target] if target else []))
+    def facts(self, target: str | None = None, reach: list[str] | None = None) -> dict:
+        """Host facts; with ``target`` only that qemu-system-TARGET is looked at (faster); with
+        ``reach`` (HOST:PORT, or ``apt``) whether the host can open TCP connections there."""
+        args = ["facts", "--cache", self.cache, *(["--target", target] if target else [])]
+        for endpoint in reach or []:
+            args.append(f"--reach={endpoint}")  # one argument: an endpoint never reads as an option
+        return self.call(*args)
+
+    def network(self) -> dict:
+        """Does this host's toolchain need network access, and does the host have it (best effort:
+        a TCP connection to each source's host, a few seconds at most each)?
+        {"needs": bool, "sources": {"libvirt"|"qemu": endpoint}, "reachable": bool|None, "checks": [...]}"""
+        sources = self.host.toolchain.network()
+        if not sources:
+            return {"needs": False, "sources": {}, "reachable": None, "checks": []}
+        checks = self.facts(reach=list(dict.fromkeys(sources.values()))).get("reach") or []
+        return {"needs": True, "sources": sources, "checks": checks,
+                "reachable": bool(checks) and all(c.get("ok") for c in checks)}
+
+    def stage(self, local: str | os.PathLike[str]) -> str:
+        """The path on the host of a file of this machine (a source tarball): for a ``local`` host
+        the file itself; over SSH ``{cache}/staged/<sha256>/<name>``, uploaded once by sha256 over
+        SFTP (checked once per transport, then known)."""
+        path = Path(local)
+        if self.host.transport == "local":
+            return str(path)
+        digest, size = file_digest(path)
+        name = re.sub(r"[^A-Za-z0-9._+-]", "_", path.name).lstrip(".") or "source"
+        remote = f"{self.cache}/staged/{digest}/{name}"
+        with _staged_lock:
+            known = _staged.setdefault(self.transport, {})
+            lock = known.setdefault(remote, [threading.Lock(), False])
+        with lock[0]:
+            if lock[1]:
+                return remote
+            done = self.transport.run([self.python, "-c", _STAGED_HELPER, remote, str(size)], timeout=FACTS_TIMEOUT)
+            try:
+                reply = json.loads(done.stdout)
+            except json.JSONDecodeError:
+                tail = " | ".join(done.stderr.strip().splitlines()[-3:]) or "no output"
+                raise HostError(f"host {self.host.name!r}: staging {path.name}: {tail}") from None
+            if reply.get("error"):
+                raise HostError(f"host {self.host.name!r}: staging {path.name}: {reply['error']}")
+            if not reply.get("present"):
+                if self.progress:
+                    self.progress(f"staging {path} ({size} bytes) into {remote}")
+                self._upload(path, remote, digest, f"staging {path.name}", timeout=BUILD_TIMEOUT)
+            lock[1] = True
+        return remote
+
+    def _staged_source(self, source: str | None) -> str | None:
+        """A toolchain source as the agent on the host reads it: ``tarball:PATH`` and
+        ``git:PATH.bundle@REF`` (files of this machine: a source tarball, a git bundle) staged on
+        the host; other sources as they are."""
+        if source and source.startswith("tarball:"):
+            return "tarball:" + self.stage(source[len("tarball:"):])
+        if source and source.startswith("git:"):
+            url, _, ref = source[len("git:"):].rpartition("@")
+            if is_bundle(url):
+                return f"git:{self.stage(url)}@{ref}"
+        return source
 
     def job(self, libvirt: str, target: str, timeout: float, qemu_binary: str | None = None,
             qemu_source: str | None = None, expect_arch: str | None = None) -> dict:
         """facts + toolchains + probe in one agent run. The reply says how far it got:
         ``facts`` (always, unless the agent failed early), ``libvirt``, ``qemu``, ``probe``, and
-        ``dump``: the text the probe wrote (it travels in the reply, compressed)."""
+        ``dump``: the text the probe wrote (it travels in the reply, compressed).
+
+        ``tarball:PATH`` sources are files of this machine, staged on the host first (``stage``);
+        the reply names them as given. An error the agent reports is one line in ``error`` (the
+        whole text, e.g. a tool's output, goes to progress: the job's log)."""
+        asked = libvirt
+        libvirt, qemu_source = self._staged_source(libvirt), self._staged_source(qemu_source)
         args = ["job", "--libvirt", libvirt, "--target", target, "--out", "-", "--timeout", str(timeout),
                 "--cache", self.cache]
         for flag, value in (("--qemu-binary", qemu_binary), ("--qemu-source", qemu_source),
@@ -184,6 +335,10 @@ class Agent:
             if value:
                 args += [flag, value]
         reply = self.call(*args, timeout=BUILD_TIMEOUT + timeout, check=False)
+        if isinstance(reply.get("libvirt"), dict) and reply["libvirt"].get("source") == libvirt:
+            reply["libvirt"]["source"] = asked  # as the inventory says it (provenance, nightly's plan)
+        if isinstance(reply.get("error"), str):
+            reply["error"] = self._one_line(reply["error"])
         if reply.get("dump") is not None:
             try:
                 reply["dump"] = inflate(reply["dump"])

@@ -2,15 +2,19 @@
 
 ``publish()`` is what ``farm publish RUN`` and ``farm probe --publish`` call:
 
-1. check everything that can be checked without touching the checkout: the run's dumps (valid; real,
-   or fakes of archs libvirt fakes anyway, unless ``allow_fake``), the token and project for ``mr``,
-   the commit identity, a clean checkout;
+1. check everything that can be checked without touching the checkout: the run's dumps — each valid,
+   real (or a fake of an arch libvirt fakes anyway, unless ``allow_fake``) and a QEMU build upstream
+   takes (``farm.publish.upstream``, unless ``allow_distro_build``); a dump that is not is skipped
+   and reported (``strict``: the whole run is refused) —, the token and project for ``mr``, the
+   commit identity, a clean checkout;
 2. fetch the upstream remote and start a branch ``qemucaps/qemu-X.Y.0-YYYYMMDD`` from its branch
    (an existing branch of that name is refused);
 3. per arch: place the dump under the tree's name and layout (ids renumbered), skip it when its
    semantic diff against the tree's file is empty, regenerate the capability tests' outputs and
    verify them (``tree.regenerate_and_verify``), commit everything that changed with ``git commit -s``
-   — so each commit passes libvirt's tests on its own;
+   — so each commit passes libvirt's tests on its own. The commit message is short, in libvirt's
+   style (``farm.publish.message``); the full semantic diff goes to the merge request, the cover
+   letter and the ledger;
 4. deliver: push to the fork remote and create or update the merge request (``mr``), and/or write a
    ``git format-patch --cover-letter`` series (``patches``).
 
@@ -29,19 +33,19 @@ from pathlib import Path
 
 from farm.caps import dump as dumps
 from farm.caps.diff import DumpDiff, diff
-from farm.caps.inspect import Verdict, inspect
+from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, Scheme, column, detect_scheme, place
 from farm.errors import FarmError, UsageError
 from farm.ledger import JobRecord, Ledger, PublicationRecord, RunRecord
+from farm.publish import message as messages
 from farm.publish import mr as merge_requests
 from farm.publish import tree as libvirt_tree
+from farm.publish import upstream
 from farm.publish.git import Git, GitError
 
 Progress = Callable[[str], None]
 
 CAPS_DIR = Path("tests") / "qemucapabilitiesdata"
-SUMMARY_LINES = 40  # of the diff summary in a commit message
-SUMMARY_ITEMS = 8  # per section
 
 
 class PublishError(FarmError):
@@ -62,6 +66,8 @@ class Options:
     patches: Path | None = None
     dry_run: bool = False
     allow_fake: bool = False
+    allow_distro_build: bool = False  # publish QEMU builds upstream would not take (farm.publish.upstream)
+    strict: bool = False  # refuse the whole run when one of its dumps cannot be published
     tests: list[str] | None = None  # capability tests to regenerate (default: all the tree has)
     git_name: str | None = None
     git_email: str | None = None
@@ -85,6 +91,7 @@ class Placed:
     diff: DumpDiff | None  # against the tree's file (Update) or the previous version of the arch (Add)
     compared_with: str | None
     provenance: dict
+    inspection: Inspection | None = None  # of the run's dump
     commit: str | None = None
 
     @property
@@ -94,7 +101,7 @@ class Placed:
     def to_json(self) -> dict:
         return {"job": self.job, "arch": self.arch, "file": str(self.target), "action": self.action,
                 "compared_with": self.compared_with, "subject": self.subject if self.action != "unchanged" else None,
-                "commit": self.commit}
+                "commit": self.commit, "warnings": self.inspection.warnings if self.inspection else []}
 
 
 @dataclass
@@ -106,6 +113,7 @@ class Publication:
     base: str | None = None
     dumps: list[Placed] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # jobs not published, with the reason
+    warnings: list[str] = field(default_factory=list)  # every warning of every dump of the run, "FILE: warning"
     mr_url: str | None = None
     mr_action: str | None = None
     patches: list[Path] = field(default_factory=list)
@@ -117,10 +125,16 @@ class Publication:
 
     @property
     def message(self) -> str:
+        skipped = f"; {len(self.skipped)} job(s) skipped" if self.skipped else ""
+        return self._message() + skipped
+
+    def _message(self) -> str:
         if self.status == "unchanged":
             return f"run {self.run}: nothing changed against {self.checkout}: nothing published"
         changed = [d for d in self.dumps if d.action != "unchanged"]
         if self.status == "dry-run":
+            if not changed:
+                return f"run {self.run}: nothing changed against {self.checkout}: would publish nothing (dry run)"
             return f"run {self.run}: would publish {len(changed)} dump(s) on branch {self.branch} (dry run)"
         where = [f"branch {self.branch} ({len(self.commits)} commit(s))"]
         if self.mr_url or self.mr_action:
@@ -132,39 +146,63 @@ class Publication:
     def to_json(self) -> dict:
         return {"run": self.run, "status": self.status, "message": self.message, "checkout": str(self.checkout),
                 "branch": self.branch, "base": self.base, "commits": self.commits,
-                "dumps": [d.to_json() for d in self.dumps], "skipped": self.skipped, "mr_url": self.mr_url,
+                "dumps": [d.to_json() for d in self.dumps], "skipped": self.skipped, "warnings": self.warnings,
+                "mr_url": self.mr_url,
                 "mr_action": self.mr_action, "patches": [str(p) for p in self.patches]}
 
 
 # ------------------------------------------------------------------------------------- checks
 
 
-def _candidates(run: RunRecord, allow_fake: bool) -> tuple[list[tuple[JobRecord, Path]], list[str]]:
-    """The run's dumps fit to publish, and the jobs left out with why; bad dumps stop everything."""
-    chosen, skipped, refused = [], [], []
+@dataclass
+class _Candidates:
+    chosen: list[tuple[JobRecord, Path, Inspection]]
+    skipped: list[str]  # jobs left out, with why
+    warnings: list[str]  # of every dump: "FILE: warning"
+
+
+def _candidates(run: RunRecord, opts: Options, say: Progress) -> _Candidates:
+    """The run's dumps fit to publish, the jobs left out with why, and every dump's warnings.
+
+    A dump that cannot be published (invalid; a fake where libvirt expects real hardware, unless
+    allow_fake; a QEMU build upstream does not take, unless allow_distro_build) is left out and
+    reported; with strict it refuses the whole run. A run with nothing left is refused. Warnings and
+    skipped jobs are said as they are found, before any refusal."""
+    found = _Candidates([], [], [])
+    refused = []
     for job in run.jobs:
         label = column(job.arch, job.variant)
         if not job.artifact:
-            skipped.append(f"{job.id}: {job.status}, no dump")
+            found.skipped.append(f"{job.id}: {job.status}, no dump")
             continue
         if job.status == "wrong-version":
-            skipped.append(f"{job.id}: probed another QEMU release than {run.qemu}")
+            found.skipped.append(f"{job.id}: probed another QEMU release than {run.qemu}")
             continue
         artifact = Path(job.artifact)
         name = DumpName.parse(artifact.name)
-        found = inspect(dumps.load(artifact), name)
-        if found.verdict is Verdict.invalid:
-            refused.append(f"{artifact}: invalid dump ({'; '.join(found.reasons[:3])})")
-        elif found.verdict is Verdict.fake and found.expects_real and not allow_fake:
-            refused.append(f"{artifact}: a fake {label} dump (TCG only) where libvirt expects real hardware "
+        inspection = inspect(dumps.load(artifact), name)
+        for warning in inspection.warnings:
+            found.warnings.append(f"{artifact.name}: {warning}")
+            say(f"warning: {found.warnings[-1]}")
+        build = upstream.build_problem(inspection.facts.qemu_version, inspection.facts.package)
+        if inspection.verdict is Verdict.invalid:
+            refused.append(f"{artifact.name}: invalid dump ({'; '.join(inspection.reasons[:3])})")
+        elif inspection.verdict is Verdict.fake and inspection.expects_real and not opts.allow_fake:
+            refused.append(f"{artifact.name}: a fake {label} dump (TCG only) where libvirt expects real hardware "
                            "(--allow-fake to publish it anyway)")
+        elif build and not opts.allow_distro_build:
+            refused.append(f"{artifact.name}: not a QEMU release build upstream takes: {build} "
+                           f"({upstream.FLAG} to publish it anyway)")
         else:
-            chosen.append((job, artifact))
-    if refused:
-        raise PublishError(f"run {run.id}: refusing to publish: " + "; ".join(refused))
-    if not chosen:
-        raise PublishError(f"run {run.id} has no dump to publish ({'; '.join(skipped) or 'no jobs'})")
-    return chosen, skipped
+            found.chosen.append((job, artifact, inspection))
+    if refused and opts.strict:
+        raise PublishError(f"run {run.id}: refusing to publish (--strict): " + "; ".join(refused))
+    found.skipped += refused
+    for skip in found.skipped:
+        say(f"skipped: {skip}")
+    if not found.chosen:
+        raise PublishError(f"run {run.id} has no dump to publish ({'; '.join(found.skipped) or 'no jobs'})")
+    return found
 
 
 def _identity(git: Git, opts: Options) -> tuple[str, str]:
@@ -200,7 +238,7 @@ def branch_name(qemu: str, day: datetime.date) -> str:
 # ----------------------------------------------------------------------------------- placing
 
 
-def _place(job: JobRecord, artifact: Path, tree: Path) -> Placed:
+def _place(job: JobRecord, artifact: Path, tree: Path, inspection: Inspection | None = None) -> Placed:
     data = tree / CAPS_DIR
     scheme = detect_scheme(data)
     name = DumpName.parse(artifact.name).with_scheme(scheme)
@@ -215,11 +253,12 @@ def _place(job: JobRecord, artifact: Path, tree: Path) -> Placed:
     if target.exists():
         change = diff(dumps.load(target), rendered)
         action = "unchanged" if change.empty else "Update"
-        return Placed(job.id, arch, version, artifact, target, action, text, change, target.name, provenance)
+        return Placed(job.id, arch, version, artifact, target, action, text, change, target.name, provenance,
+                      inspection)
     previous = _previous(data, name)
     change = diff(dumps.load(previous), rendered) if previous else None
     return Placed(job.id, arch, version, artifact, target, "Add", text, change,
-                  previous.name if previous else None, provenance)
+                  previous.name if previous else None, provenance, inspection)
 
 
 def _previous(data: Path, name: DumpName) -> Path | None:
@@ -235,60 +274,6 @@ def _previous(data: Path, name: DumpName) -> Path | None:
     return max(older)[1] if older else None
 
 
-# ---------------------------------------------------------------------------------- messages
-
-
-def _summary(placed: Placed) -> str:
-    if placed.diff is None:
-        return "No earlier dump of this arch to compare with."
-    lines = placed.diff.to_text(limit=SUMMARY_ITEMS).splitlines()
-    if len(lines) > SUMMARY_LINES:
-        lines = lines[:SUMMARY_LINES] + [f"... ({len(lines) - SUMMARY_LINES} more lines: farm replies diff)"]
-    return "\n".join(lines)
-
-
-def _provenance_lines(placed: Placed, run: int) -> list[str]:
-    p = placed.provenance
-    host = p.get("host") or {}
-    facts = host.get("facts") or {}
-    qemu = p.get("qemu") or {}
-    libvirt = p.get("libvirt") or {}
-    verdict = p.get("verdict") or {}
-    lines = [
-        f"Host: {host.get('name', '?')}: {facts.get('cpu_model') or '?'}, {facts.get('arch') or '?'}, "
-        f"kernel {facts.get('kernel') or '?'}",
-        f"QEMU: {qemu.get('version_line') or qemu.get('version') or '?'} ({qemu.get('origin') or '?'})",
-        f"Probe: qemucapsprobe of libvirt {libvirt.get('libvirt_version') or '?'} "
-        f"({libvirt.get('source') or '?'}" + (f", commit {libvirt['commit']}" if libvirt.get("commit") else "") + ")",
-        f"Verdict: {verdict.get('verdict', '?')} (farm run {run}, job {placed.job})",
-    ]
-    return lines
-
-
-def commit_message(placed: Placed, run: int) -> str:
-    compared = f"Changes against {placed.compared_with}:" if placed.compared_with else "Changes:"
-    # the last paragraph is plain prose: git must not take the provenance for trailers
-    return "\n".join([placed.subject, "", compared, "", _summary(placed), "", "Provenance:",
-                      *(f"  {line}" for line in _provenance_lines(placed, run)), "",
-                      f"Probed and published by farm (run {run})."]) + "\n"
-
-
-def description(placed: list[Placed], run: int) -> str:
-    """Markdown for the merge request: the diff summary of each dump and its provenance."""
-    out = [f"QEMU capabilities test data from farm run {run}.", ""]
-    for p in placed:
-        out += [f"## {p.subject}", ""]
-        out += [p.diff.to_markdown() if p.diff else "No earlier dump of this arch to compare with.", ""]
-        out += [f"- {line}" for line in _provenance_lines(p, run)] + [""]
-    return "\n".join(out)
-
-
-def _title(placed: list[Placed], qemu: str) -> str:
-    if len(placed) == 1:
-        return placed[0].subject
-    return f"qemucapabilitiesdata: test data for qemu-{qemu} on {', '.join(p.arch for p in placed)}"
-
-
 # ----------------------------------------------------------------------------------- publish
 
 
@@ -297,7 +282,7 @@ def publish(ledger: Ledger, run_id: int, opts: Options, progress: Progress | Non
     say = progress or (lambda message: None)
     run = ledger.run(run_id)
     opts.checkout = Path(opts.checkout).absolute()
-    chosen, skipped = _candidates(run, opts.allow_fake)
+    found = _candidates(run, opts, say)
     token = None
     if opts.mr:
         if not opts.gitlab_project and opts.mr_method == "api":
@@ -316,36 +301,39 @@ def publish(ledger: Ledger, run_id: int, opts: Options, progress: Progress | Non
         git.run("fetch", "--quiet", opts.upstream_remote, what=f"fetching {opts.upstream_remote}")
     except GitError as e:
         raise PublishError(f"cannot fetch the upstream remote {opts.upstream_remote!r}: {e}") from None
-    upstream = opts.upstream_branch or git.remote_default_branch(opts.upstream_remote) or "master"
-    base_ref = f"refs/remotes/{opts.upstream_remote}/{upstream}"
+    target = opts.upstream_branch or git.remote_default_branch(opts.upstream_remote) or "master"
+    base_ref = f"refs/remotes/{opts.upstream_remote}/{target}"
     if not git.ok("rev-parse", "--verify", "--quiet", base_ref):
-        raise PublishError(f"{opts.upstream_remote} has no branch {upstream!r} (set FARM_UPSTREAM_BRANCH)")
+        raise PublishError(f"{opts.upstream_remote} has no branch {target!r} (set FARM_UPSTREAM_BRANCH)")
     base = git.out("rev-parse", base_ref)
     branch = branch_name(run.qemu, opts.today or datetime.date.today())
     if git.branch_exists(branch):
         raise PublishError(f"branch {branch} already exists in {opts.checkout}: delete it "
                            f"(git branch -D {branch}) or publish another day")
 
-    publication = Publication(run.id, "published", opts.checkout, branch, base, skipped=skipped)
+    publication = Publication(run.id, "published", opts.checkout, branch, base, skipped=found.skipped,
+                              warnings=found.warnings)
     original = git.current_branch() or git.head()
     created = False
     try:
         git.run("checkout", "--quiet", "--no-track", "-b", branch, base, what=f"creating branch {branch}")
         created = True
-        placed = [_place(job, artifact, opts.checkout) for job, artifact in chosen]
+        placed = [_place(job, artifact, opts.checkout, inspection) for job, artifact, inspection in found.chosen]
         publication.dumps = placed
         changed = [p for p in placed if p.action != "unchanged"]
         for p in placed:
             if p.action == "unchanged":
                 say(f"{p.target.name}: no semantic change, not published")
-        if not changed:
-            publication.status, publication.branch = "unchanged", None
-        elif opts.dry_run:
+        if opts.dry_run:
             publication.status = "dry-run"
+            if not changed:
+                publication.branch = None
+        elif not changed:
+            publication.status, publication.branch = "unchanged", None
         else:
             for p in changed:
-                _commit_one(git, p, run.id, opts, say)
-            _deliver(git, publication, changed, run.qemu, upstream, opts, token, say)
+                _commit_one(git, p, opts, say)
+            _deliver(git, publication, changed, run.qemu, target, opts, token, say)
     except BaseException:
         _restore(git, original, branch if created else None)
         raise
@@ -359,13 +347,14 @@ def publish(ledger: Ledger, run_id: int, opts: Options, progress: Progress | Non
         run.id, publication.status, checkout=str(opts.checkout), branch=publication.branch,
         base=base, commits=publication.commits, mr_url=publication.mr_url,
         patches=[str(p) for p in publication.patches],
-        details={"dumps": [d.to_json() for d in publication.dumps], "skipped": skipped,
-                 "mr_action": publication.mr_action, "dry_run": opts.dry_run},
+        details={"dumps": [d.to_json() | {"diff": d.diff.to_json() if d.diff else None} for d in publication.dumps],
+                 "skipped": found.skipped, "warnings": found.warnings, "mr_action": publication.mr_action,
+                 "dry_run": opts.dry_run},
     )
     return publication
 
 
-def _commit_one(git: Git, p: Placed, run: int, opts: Options, say: Progress) -> None:
+def _commit_one(git: Git, p: Placed, opts: Options, say: Progress) -> None:
     say(f"{p.target.name}: {p.action.lower()}, regenerating the tests' outputs")
     p.target.write_text(p.text, encoding="utf-8")
     try:
@@ -374,7 +363,7 @@ def _commit_one(git: Git, p: Placed, run: int, opts: Options, say: Progress) -> 
         raise PublishError(f"{p.target.name}: {e}") from None
     git.run("add", "--all", "--", ".", what="staging the new test data")
     with tempfile.NamedTemporaryFile("w", prefix="farm-commit-", suffix=".txt", encoding="utf-8") as message:
-        message.write(commit_message(p, run))
+        message.write(messages.commit_message(p))
         message.flush()
         git.run("commit", "--quiet", "--no-verify", "--signoff", "-F", message.name,
                 what=f"committing {p.target.name}")
@@ -382,15 +371,16 @@ def _commit_one(git: Git, p: Placed, run: int, opts: Options, say: Progress) -> 
     say(f"{p.target.name}: committed {p.commit[:12]}: {p.subject}")
 
 
-def _deliver(git: Git, publication: Publication, changed: list[Placed], qemu: str, upstream: str,
+def _deliver(git: Git, publication: Publication, changed: list[Placed], qemu: str, target: str,
              opts: Options, token: str | None, say: Progress) -> None:
     assert publication.branch and publication.base
     if opts.patches is not None:
-        publication.patches = write_patches(git, publication.base, opts.patches, changed, publication.run, qemu)
+        publication.patches = write_patches(git, publication.base, opts.patches, changed, publication.run, qemu,
+                                            publication.warnings)
         say(f"{len(publication.patches)} patch file(s) in {opts.patches}")
     if opts.mr:
-        title = _title(changed, qemu)
-        options = merge_requests.push_options(upstream, title) if opts.mr_method == "push-options" else None
+        title = messages.title(changed, qemu)
+        options = merge_requests.push_options(target, title) if opts.mr_method == "push-options" else None
         say(f"pushing {publication.branch} to {opts.fork_remote}")
         try:
             merge_requests.push(git, opts.fork_remote, publication.branch, options)
@@ -401,12 +391,14 @@ def _deliver(git: Git, publication: Publication, changed: list[Placed], qemu: st
             return
         assert token is not None and opts.gitlab_project
         mr = merge_requests.open_or_update(opts.gitlab_url, opts.gitlab_project, token, publication.branch,
-                                           upstream, title, description(changed, publication.run))
+                                           target, title,
+                                           messages.description(changed, publication.run, publication.warnings))
         publication.mr_url, publication.mr_action = mr.url, mr.action
         say(f"merge request {mr.action}: {mr.url}")
 
 
-def write_patches(git: Git, base: str, directory: Path, placed: list[Placed], run: int, qemu: str) -> list[Path]:
+def write_patches(git: Git, base: str, directory: Path, placed: list[Placed], run: int, qemu: str,
+                  warnings: list[str] | None = None) -> list[Path]:
     """`git format-patch --cover-letter` of base..HEAD into directory, the cover letter filled in."""
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
@@ -418,14 +410,12 @@ def write_patches(git: Git, base: str, directory: Path, placed: list[Placed], ru
     paths = [Path(line) for line in out.splitlines() if line.strip()]
     cover = paths[0]
     text = cover.read_text(encoding="utf-8")
-    blurb = "\n".join([f"QEMU capabilities test data from farm run {run}:", ""]
-                      + [f"  {p.subject}" + (f" (against {p.compared_with})" if p.compared_with else "")
-                         for p in placed]
-                      + ["", "Each commit passes qemucapabilitiestest, domaincapstest and qemuxmlconftest "
-                         "after regenerating their outputs."])
-    text = text.replace("*** SUBJECT HERE ***", _title(placed, qemu).removeprefix("qemucapabilitiesdata: ")
-                        if len(placed) > 1 else f"qemucapabilitiesdata: test data for qemu-{qemu}")
-    text = text.replace("*** BLURB HERE ***", blurb)
+    subject = messages.title(placed, qemu)
+    if len(placed) == 1:
+        subject = f"qemucapabilitiesdata: test data for qemu-{qemu}"
+    text = text.replace("*** SUBJECT HERE ***", subject.removeprefix("qemucapabilitiesdata: ")
+                        if len(placed) > 1 else subject)
+    text = text.replace("*** BLURB HERE ***", messages.cover_blurb(placed, run, warnings))
     cover.write_text(text, encoding="utf-8")
     return paths
 
