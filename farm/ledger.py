@@ -8,6 +8,7 @@ good one.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -320,6 +321,21 @@ class Ledger:
         return max((int(n[4:]) for n in names if n.startswith("run-") and n[4:].isdigit()), default=0)
 
     def _migrate(self) -> None:
+        """The schema, and what older ledgers lack. One process at a time (a lock file beside the
+        ledger): SQLite answers 'database is locked' at once, not after its busy timeout, to two
+        processes turning a new ledger into WAL mode together."""
+        try:
+            lock = os.open(self.state_dir / ".ledger.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:  # a state dir this process may only read: nothing to migrate concurrently
+            self._migrate_locked()
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._migrate_locked()
+        finally:
+            os.close(lock)
+
+    def _migrate_locked(self) -> None:
         with self._db() as db:
             db.executescript(SCHEMA)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(runs)")}

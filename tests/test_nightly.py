@@ -144,7 +144,7 @@ def test_the_libvirt_tree_covers_variants(nightly_env, libvirt11):
 
 def test_a_bad_qemu_url_is_a_clear_error(nightly_env, tmp_path):
     code, _, err = farm({**nightly_env, "FARM_QEMU_GIT_URL": str(tmp_path / "nowhere")}, "nightly", "--once")
-    assert code == 2 and "git ls-remote" in err
+    assert code == 3 and "git ls-remote" in err  # git failed: operational
 
 
 def test_release_candidates_are_filed_under_their_release():

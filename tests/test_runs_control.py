@@ -137,7 +137,7 @@ def test_a_run_whose_driver_was_killed_is_interrupted_in_list_and_show_and_resum
     os.killpg(cli.pid, signal.SIGKILL)
     cli.wait()
     assert runs_shown(env, 1) == ("interrupted", "interrupted")
-    subprocess.run(["pkill", "-f", str(standin)], check=False)  # kill -9 leaves local agents (issue 11)
+    wait_until(lambda: not standin_running(standin), timeout=20, what="the probe stopping with its driver")
     code, out, err = farm(env, "runs", "resume", "1", "--json", "--quiet", "--inventory", str(inventory))
     assert code == 0 and out["jobs"][0]["status"] == "ok", err
 
@@ -187,3 +187,29 @@ def test_two_farm_probes_of_one_state_dir_share_a_hosts_slots(env, tmp_path):
         assert cli.returncode == 0 and json.loads(out)["jobs"][0]["status"] == "ok", err
     stamps = [(word, float(t)) for word, t in (line.split() for line in spans.read_text().splitlines())]
     assert [w for w, _ in sorted(stamps, key=lambda s: s[1])] == ["start", "end", "start", "end"], stamps
+
+
+def test_kill_9_of_farm_probe_leaves_no_local_agent_or_probe_running(env, tmp_path):
+    standin = standin_builddir(tmp_path / "standin", delay=60)
+    inventory = local_inventory(tmp_path / "inventory.yaml", standin, ["x86-a"])
+    cli = start_probe(env, inventory, "--quiet")
+    wait_until(lambda: standin_running(standin), what="the stand-in probe starting")
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait()
+    wait_until(lambda: not standin_running(standin), timeout=20, what="the probe stopping with farm probe")
+    wait_until(lambda: not agent_servers_of(env), timeout=20, what="the agent server stopping with farm probe")
+
+
+def agent_servers_of(env: dict) -> list[int]:
+    """The pids of agent servers started with this test's state dir in their environment."""
+    mine = f"FARM_STATE_DIR={env['FARM_STATE_DIR']}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"serve" in cmdline and any(c.endswith(b"farm_agent.py") for c in cmdline) \
+                    and mine in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found

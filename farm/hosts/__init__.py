@@ -137,28 +137,33 @@ class Transport(Protocol):
     def get(self, remote: str, local: Path) -> None: ...
 
 
-_ssh_pool: dict[tuple, Transport] = {}
-_ssh_pool_lock = threading.Lock()
+_pool: dict[tuple, Transport] = {}
+_pool_lock = threading.Lock()
 
 
 def transport_for(host) -> Transport:
     """The transport of an inventory host.
 
-    SSH transports are shared per host within a process (one connection,
+    Transports are shared per host within a process (one SSH connection, one agent server,
     reused by every job on that host; a forked child opens its own).
     """
     if host.transport == "local":
         from farm.hosts.local import LocalTransport
 
-        return LocalTransport(host.name, host.user)
+        key = (os.getpid(), host.name, host.user)
+        with _pool_lock:
+            transport = _pool.get(key)
+            if transport is None:
+                transport = _pool[key] = LocalTransport(host.name, host.user)
+            return transport
     if host.transport == "ssh":
         from farm.hosts.ssh import SSHTransport
 
         key = (os.getpid(), host.name, host.address, host.port, host.user, host.host_key,
                host.known_hosts, host.identity_file)
-        with _ssh_pool_lock:
-            transport = _ssh_pool.get(key)
+        with _pool_lock:
+            transport = _pool.get(key)
             if transport is None:
-                transport = _ssh_pool[key] = SSHTransport(host)
+                transport = _pool[key] = SSHTransport(host)
             return transport
     raise HostError(f"host {host.name!r}: unknown transport {host.transport!r} (ssh or local)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,21 @@ class LocalTransport:
             cancel.check()
         return Completed(list(argv), proc.returncode, "".join(out_chunks), "".join(err_lines), timed_out)
 
+    def start(self, argv: list[str]) -> _Pipes:
+        """Start ``argv`` and leave it running, its stdin and stdout (stderr merged) a channel for
+        the caller (a long-lived agent server). When this process dies, however it dies, the
+        server's stdin closes and it stops what it runs: nothing outlives `farm probe`."""
+        if self.user:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    bufsize=0, start_new_session=True)
+        except OSError as e:
+            missing = e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR)
+            raise (HostConfigError if missing else HostError)(
+                f"host {self.name!r}: cannot run {argv[0]}: {e.strerror}") from None
+        return _Pipes(proc)
+
     def put(self, local: Path, remote: str) -> None:
         if Path(local).resolve() != Path(remote).resolve():
             shutil.copyfile(local, remote)
@@ -85,6 +101,38 @@ class LocalTransport:
     def get(self, remote: str, local: Path) -> None:
         if Path(remote).resolve() != Path(local).resolve():
             shutil.copyfile(remote, local)
+
+
+class _Pipes:
+    """A local process's stdin and stdout as the channel an agent server is talked to through
+    (what farm.hosts.server uses of a paramiko channel: recv, sendall, settimeout, close)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self._timeout: float | None = None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def recv(self, size: int) -> bytes:
+        fd = self.proc.stdout.fileno()
+        if self._timeout is not None and not select.select([fd], [], [], self._timeout)[0]:
+            raise TimeoutError("timed out")
+        return os.read(fd, size)
+
+    def sendall(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+
+    def close(self) -> None:
+        """stdin closed: the server stops its requests and exits (killed if it does not, soon)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc)
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

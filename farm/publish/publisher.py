@@ -35,7 +35,7 @@ from farm.caps import dump as dumps
 from farm.caps.diff import DumpDiff, diff
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, Scheme, column, detect_scheme, place
-from farm.errors import FarmError, UsageError
+from farm.errors import FarmError, OperationalError, UsageError
 from farm.ledger import JobRecord, Ledger, PublicationRecord, RunRecord
 from farm.publish import message as messages
 from farm.publish import mr as merge_requests
@@ -48,8 +48,12 @@ Progress = Callable[[str], None]
 CAPS_DIR = Path("tests") / "qemucapabilitiesdata"
 
 
-class PublishError(FarmError):
-    """Publishing stopped; the checkout is as it was before."""
+class PublishError(UsageError):
+    """Publishing refused (exit 2); the checkout is as it was before."""
+
+
+class PublishFailed(OperationalError):
+    """Publishing failed on something outside farm: a git remote (exit 3); the checkout is as it was before."""
 
 
 @dataclass
@@ -300,7 +304,7 @@ def publish(ledger: Ledger, run_id: int, opts: Options, progress: Progress | Non
     try:
         git.run("fetch", "--quiet", opts.upstream_remote, what=f"fetching {opts.upstream_remote}")
     except GitError as e:
-        raise PublishError(f"cannot fetch the upstream remote {opts.upstream_remote!r}: {e}") from None
+        raise PublishFailed(f"cannot fetch the upstream remote {opts.upstream_remote!r}: {e}") from None
     target = opts.upstream_branch or git.remote_default_branch(opts.upstream_remote) or "master"
     base_ref = f"refs/remotes/{opts.upstream_remote}/{target}"
     if not git.ok("rev-parse", "--verify", "--quiet", base_ref):
@@ -385,7 +389,7 @@ def _deliver(git: Git, publication: Publication, changed: list[Placed], qemu: st
         try:
             merge_requests.push(git, opts.fork_remote, publication.branch, options)
         except GitError as e:
-            raise PublishError(f"cannot push to the fork remote {opts.fork_remote!r}: {e}") from None
+            raise PublishFailed(f"cannot push to the fork remote {opts.fork_remote!r}: {e}") from None
         if options is not None:
             publication.mr_action = "pushed"
             return
