@@ -48,6 +48,7 @@ import re
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -268,8 +269,31 @@ def publish_entry(entry: str, work: str) -> None:
     os.replace(tmp_link, entry)
 
 
+def untrusted(path: str) -> Optional[str]:
+    """Why this agent must not use PATH (a cache entry, or a program in it), or None: it, and every
+    directory above it, must belong to this agent's user or root and be writable by no one else
+    (a sticky directory such as /tmp excepted). Otherwise another user could have planted what
+    this agent would run, as its user."""
+    me = os.geteuid()
+    current = os.path.realpath(path)
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as exc:
+            return "%s: %s" % (current, exc.strerror)
+        if st.st_uid not in (me, 0):
+            return "%s belongs to uid %d, not to this agent's user (uid %d) or root" % (current, st.st_uid, me)
+        if st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            return "%s is writable by users other than its owner (mode %o)" % (current, st.st_mode & 0o7777)
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
 def read_entry_meta(entry: str) -> Optional[Dict]:
-    """The metadata of a published cache entry, or None when absent/incomplete."""
+    """The metadata of a published cache entry, or None when absent/incomplete. An entry this
+    agent must not trust (see untrusted()), or whose programs lie outside it, is refused."""
     text = read_text(os.path.join(entry, META_NAME))
     if text is None:
         return None
@@ -277,7 +301,18 @@ def read_entry_meta(entry: str) -> Optional[Dict]:
         meta = json.loads(text)
     except ValueError:
         return None
-    return meta if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    why = untrusted(os.path.join(entry, META_NAME))
+    real = os.path.realpath(entry)
+    for field in ("probe", "mock", "binary"):
+        program = meta.get(field)
+        if why is None and isinstance(program, str) and program:
+            inside = os.path.realpath(program).startswith(real + os.sep)
+            why = untrusted(program) if inside else "its %s %s lies outside the entry" % (field, program)
+    if why:
+        raise AgentError("refusing the cache entry %s: %s (remove it; the agent builds it again)" % (entry, why))
+    return meta
 
 
 def new_work_dir(area: str, key: str) -> str:
@@ -479,7 +514,11 @@ def list_probes(cache: str) -> List[Dict]:
     for name in entries:
         if name.startswith(".") or name == "downloads" or name.endswith(".lock"):
             continue
-        meta = read_entry_meta(os.path.join(area, name))
+        try:
+            meta = read_entry_meta(os.path.join(area, name))
+        except AgentError as exc:
+            probes.append({"key": name, "refused": str(exc)})
+            continue
         if meta and is_executable_file(meta.get("probe", "")):
             probes.append({"key": meta.get("key", name), "path": meta["probe"],
                            "libvirt_version": meta.get("libvirt_version"),

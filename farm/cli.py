@@ -205,7 +205,7 @@ def cmd_hosts_check(args) -> int:
     from farm.hosts import HostConfigError, HostError, transport_for
     from farm.hosts.agent import Agent
     from farm.inventory import resolve_inventory
-    from farm.jobs import check_host
+    from farm.jobs import check_host, host_warnings
 
     from rich.markup import escape
 
@@ -220,6 +220,7 @@ def cmd_hosts_check(args) -> int:
             facts = agent.facts()
             entry.update(ok=True, facts=facts, network=agent.network())
             entry["real_dumps"] = bool(facts["kvm"]["usable"]) and Architecture.from_uname(facts.get("arch")) is host.arch
+            entry["warnings"] = host_warnings(facts)
             check_host(host, facts)
             ledger.host_seen(host.name)
         except HostError as e:  # reached but misconfigured, or not reached (an outage)
@@ -260,6 +261,8 @@ def cmd_hosts_check(args) -> int:
         for e in report:  # reached, facts known, and refused (e.g. of another arch than the inventory says)
             if e.get("facts") and e.get("error"):
                 console.print(f"[yellow]{escape(e['name'])}[/]: configuration error: {escape(e['error'])}")
+            for warning in e.get("warnings", []):
+                console.print(f"[yellow]{escape(e['name'])}[/]: warning: {escape(warning)}")
     return OK if all(e["ok"] for e in report) else FINDINGS
 
 

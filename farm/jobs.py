@@ -350,6 +350,18 @@ def check_host(host, facts: dict) -> None:
         raise HostConfigError(f"host {host.name!r} is {machine}, the inventory says {host.arch.value}")
 
 
+def host_warnings(facts: dict) -> list[str]:
+    """What a host's facts say is wrong without stopping it: an agent running as root, cache
+    entries its agent refused (planted by another user)."""
+    warnings = []
+    if facts.get("user") == 0:
+        warnings.append("the agent runs as root: run it as an unprivileged user in the kvm group "
+                        "(README: Running unprivileged)")
+    probes = facts.get("probes") if isinstance(facts.get("probes"), list) else []
+    warnings += [str(p["refused"]) for p in probes if isinstance(p, dict) and p.get("refused")]
+    return warnings
+
+
 def _qemu_spec(host, job: Job) -> str:
     """The host's QEMU source for this job: a git source builds the job's ref, else the tag of the
     release asked for."""
