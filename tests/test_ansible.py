@@ -149,6 +149,8 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
         "-e", f"farm_known_hosts_file={out_dir}/known_hosts",
         "-e", f"farm_coordinator_config_dir={out_dir}", "-e", f"farm_coordinator_systemd_dir={out_dir}/systemd",
         "-e", f"farm_coordinator_state_dir={out_dir}/state", "-e", "farm_coordinator_dashboard=true",
+        "-e", f"farm_coordinator_redis_password_file={out_dir}/redis.password",
+        "-e", f"farm_coordinator_result_key_file={out_dir}/result.key",
     )
     assert done.returncode == 0 and recap["localhost"]["failed"] == 0, done.stdout + done.stderr
     diff = done.stdout
@@ -156,6 +158,11 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
     assert "ExecStart=" in diff and "worker --hosts %i" in diff and "dashboard --host 127.0.0.1 --port 8080" in diff
     # the enable/start tasks are skipped: this container's service manager is not systemd
     assert "A worker per SSH-served host (systemd hosts only)" in diff
+    # Redis asks for a password, kept in a file, and the farm's result key is made: neither is shown
+    for task in ("Keep the Redis password (root and the farm user only)", "Redis asks for the password",
+                 "The farm's result key (made once, then kept; copy it to every worker's machine)"):
+        assert task in diff
+    assert "requirepass " not in diff and "FARM_BROKER_URL=redis://:" not in diff
     assert not out_dir.exists(), "check mode wrote files"
 
 
