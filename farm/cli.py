@@ -2,6 +2,9 @@
 
 Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
 real hardware, a file that needs formatting), 2 usage errors.
+
+Rich output never interprets text from dumps, hosts or logs: the console has
+markup, emoji and highlighting off, and styles are given as ``Text`` objects.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ OK, FINDINGS, USAGE = 0, 1, 2
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a dump's lone surrogate is printed escaped, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return USAGE
@@ -83,13 +89,14 @@ def cmd_fmt(args) -> int:
     status = OK
     report = []
     for f in args.files:
-        d = dump.load(f)
+        original = dump.read(f)
+        d = dump.parse(original, f)
         if not d.reformattable:
             report.append({"file": d.path, "status": "unformattable", "problems": d.errors()})
             status = FINDINGS
             continue
         text = dump.render(d.exchanges)
-        if text == Path(f).read_text(encoding="utf-8"):
+        if text == original:
             report.append({"file": d.path, "status": "unchanged"})
         elif args.check:
             report.append({"file": d.path, "status": "would reformat"})
@@ -111,7 +118,13 @@ def cmd_diff(args) -> int:
     from farm.caps import dump
     from farm.caps.diff import diff
 
-    d = diff(dump.load(args.old), dump.load(args.new))
+    old, new = dump.load(args.old), dump.load(args.new)
+    for d in (old, new):
+        if not d.reformattable:  # layout, id and schema problems do not hide what the dump says
+            first = d.errors()[0] if d.problems else f"{d.path}: no exchanges"
+            print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
+            return FINDINGS
+    d = diff(old, new)
     if args.json:
         _print_json(d.to_json())
     elif args.markdown:
@@ -128,10 +141,12 @@ def cmd_coverage(args) -> int:
     from farm.coverage import coverage
 
     cov = coverage(Path(args.tree))
+    status = FINDINGS if any(c.inspection.alarming for c in cov.cells) else OK
     if args.json:
         _print_json(cov.to_json())
-        return OK
+        return status
     from rich.table import Table
+    from rich.text import Text
 
     style = {"real": "green", "fake": "yellow", "invalid": "bold red"}
     table = Table(title=f"{cov.directory} ({cov.scheme.value} names)")
@@ -147,16 +162,17 @@ def cmd_coverage(args) -> int:
                 continue
             verdict = cell.inspection.verdict.value
             alarm = "!" if cell.inspection.alarming else ""
-            row.append(f"[{style[verdict]}]{verdict}{alarm}[/]")
+            row.append(Text(verdict + alarm, style[verdict]))
         table.add_row(*row)
     console = _console()
     console.print(table)
     for cell in cov.cells:
         if cell.inspection.alarming:
-            console.print(f"[bold red]{Path(cell.inspection.file).name}[/]: " + "; ".join(cell.inspection.reasons))
+            console.print(Text.assemble((Path(cell.inspection.file).name, "bold red"),
+                                        ": " + "; ".join(cell.inspection.reasons)))
     for stray in cov.strays:
-        console.print(f"[yellow]ignored[/]: {stray}")
-    return OK
+        console.print(Text.assemble(("ignored", "yellow"), f": {stray}"))
+    return status
 
 
 # --- farm hosts -------------------------------------------------------------------
@@ -218,6 +234,7 @@ def cmd_hosts_check(args) -> int:
         _print_json(report)
     else:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=f"hosts of {inventory.source}")
         for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes"):
@@ -225,15 +242,16 @@ def cmd_hosts_check(args) -> int:
         for e in report:
             f = e.get("facts")
             if not f:
-                table.add_row(e["name"], e["arch"], "[red]unreachable[/]", e.get("error", ""), "", "", "", "", "")
+                table.add_row(e["name"], e["arch"], Text("unreachable", "red"), e.get("error", ""), "", "", "", "", "")
                 continue
             kvm = f["kvm"]
             qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
             table.add_row(
-                e["name"], e["arch"], f.get("arch", "?"), f.get("kernel", "?"), (f.get("cpu_model") or "?")[:40],
-                "[green]usable[/]" if kvm.get("usable") else f"[red]{kvm.get('error') or 'missing'}[/]",
-                "[green]yes[/]" if e["real_dumps"] else "[yellow]no (TCG only)[/]",
-                ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
+                e["name"], e["arch"], str(f.get("arch", "?")), str(f.get("kernel", "?")),
+                str(f.get("cpu_model") or "?")[:40],
+                Text("usable", "green") if kvm.get("usable") else Text(str(kvm.get("error") or "missing"), "red"),
+                Text("yes", "green") if e["real_dumps"] else Text("no (TCG only)", "yellow"),
+                ", ".join(str(q.get("version") or "?") for q in qemu) or Text("none", "red"),
                 str(len(f.get("probes", []))),
             )
         _console().print(table)
@@ -281,20 +299,21 @@ def cmd_status(args) -> int:
         _print_json(status)
         return OK
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"farm status ({status['mode']})")
     for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
         table.add_column(column, overflow="fold")
     for h in hosts:
-        health = "[bold red]quarantined[/]" if h["quarantined"] else (
-            f"[yellow]{h['failures']} failure(s)[/]" if h["failures"] else "[green]ok[/]")
+        health = Text("quarantined", "bold red") if h["quarantined"] else (
+            Text(f"{h['failures']} failure(s)", "yellow") if h["failures"] else Text("ok", "green"))
         failure = f"{_when(h['last_failure'])}: {h['last_failure_reason']}" if h["last_failure"] else "-"
-        served = "-" if h["served"] is None else ("yes" if h["served"] else "[red]no worker[/]")
+        served = "-" if h["served"] is None else ("yes" if h["served"] else Text("no worker", "red"))
         table.add_row(h["name"], h["arch"], health, _when(h["last_seen"]), failure, served, ", ".join(h["running"]) or "-")
     console = _console()
     console.print(table)
     for worker, queues in live.items():
-        console.print(f"worker {worker}: {', '.join(queues)}")
+        console.print(f"worker {worker}: {', '.join(queues)}")  # plain: the console reads no markup
     return OK
 
 
@@ -530,8 +549,9 @@ class _JobProgress:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
-                SpinnerColumn(), TextColumn("{task.fields[job]}"), TimeElapsedColumn(), TextColumn("{task.description}"),
-                console=Console(stderr=True), transient=False,
+                SpinnerColumn(), TextColumn("{task.fields[job]}", markup=False), TimeElapsedColumn(),
+                TextColumn("{task.description}", markup=False),
+                console=Console(stderr=True, markup=False, emoji=False, highlight=False), transient=False,
             )
             self.progress.__enter__()
         return self
@@ -556,6 +576,7 @@ class _JobProgress:
 
 def _print_run(record) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from farm.caps.names import column
 
@@ -567,7 +588,7 @@ def _print_run(record) -> None:
     for j in record.jobs:
         table.add_row(
             column(j.arch, j.variant), j.host or "-",
-            f"[{style.get(j.status, 'white')}]{j.status}[/]", j.verdict or "-",
+            Text(j.status, style.get(j.status, "white")), j.verdict or "-",
             "\n".join(j.reasons + [f"warning: {w}" for w in j.warnings]) or "-", j.artifact or "-",
         )
     _console().print(table)
@@ -597,7 +618,8 @@ def _when(stamp: float | None) -> str:
 def _console():
     from rich.console import Console
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    plain = {"markup": False, "emoji": False, "highlight": False}  # text from dumps and hosts is never markup
+    return Console(**plain) if sys.stdout.isatty() else Console(width=200, **plain)
 
 
 def _dump_name(path: str):

@@ -10,15 +10,25 @@ Two layouts exist: ``current`` (each object is exactly ``json.dumps(obj,
 indent=2)``) and ``old``, the one libvirt <= 9.x wrote (the same, except empty
 objects and arrays are written open, ``{\\n<indent>}``). A dump is valid in the
 layout it is in.
+
+Hostile input is bounded: a file must be a regular file (anything else is
+refused without being opened) of at most ``MAX_BYTES``, UTF-8; JSON may nest at
+most ``MAX_DEPTH`` levels; duplicate keys, non-finite numbers (``NaN``,
+``Infinity``, ``1e400``) and numbers Python cannot keep exactly are invalid
+JSON here, so that what is valid can be rewritten without changing a value.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import json
+import math
 import os
 import re
+import stat
+from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +71,14 @@ class Exchange:
 
     @property
     def arguments(self) -> dict:
-        return self.command.get("arguments") or {}
+        arguments = self.command.get("arguments")
+        return arguments if isinstance(arguments, dict) else {}
 
     @property
     def reply(self) -> dict:
-        """The parsed reply (parsed on first use: most checks never need it)."""
+        """The parsed reply."""
         if self._reply is None:
-            self._reply = json.loads(self.reply_text)
+            self._reply = decode(self.reply_text)
         return self._reply
 
     @property
@@ -135,22 +146,53 @@ class Dump:
 
 
 MAX_PROBLEMS = 20
+MAX_BYTES = 64 * 2**20  # a real dump is about 1 MB
+MAX_DEPTH = 64  # a real dump nests 6 levels
+
+
+def read(path: str | Path) -> str:
+    """The text of a dump file. Anything but a readable regular UTF-8 file of at most
+    MAX_BYTES raises UsageError; FIFOs, devices and directories are not opened."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        _check_file(path, st)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        _check_file(path, os.fstat(fd))  # the same file as stat()ed: not swapped for a FIFO meanwhile
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_BYTES >> 20} MiB: not a dump")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_file(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+        )
+        raise UsageError(f"{path}: is {kind}, not a .replies file")
+    if st.st_size > MAX_BYTES:
+        raise UsageError(f"{path}: larger than {MAX_BYTES >> 20} MiB: not a dump")
 
 
 def load(path: str | Path) -> Dump:
-    """Read and parse a dump file. Unreadable files raise UsageError."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a .replies file") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    return parse(text, str(path))
+    """Read and parse a dump file. Unreadable files raise UsageError (see ``read``)."""
+    return parse(read(path), str(path))
 
 
 def validate_files(paths: list[str | Path], jobs: int | None = None) -> list[Dump]:
@@ -218,7 +260,7 @@ def _matching_layout(text: str) -> Layout | None:
 
 
 def _parse_canonical(text: str, path: str, layout: Layout) -> Dump:
-    """Split a dump proven well-formed by the layout regex."""
+    """Split a dump proven well-formed (and at most 6 deep) by the layout regex."""
     chunks = text[:-1].split("\n\n")
     problems: list[Problem] = []
     exchanges: list[Exchange] = []
@@ -226,7 +268,13 @@ def _parse_canonical(text: str, path: str, layout: Layout) -> Dump:
     for i in range(0, len(chunks) - 1, 2):
         cmd_text, reply_text = chunks[i], chunks[i + 1]
         reply_line = line + cmd_text.count("\n") + 2
-        exchanges.append(Exchange(json.loads(cmd_text), reply_text, line, reply_line))
+        try:  # strict: the regex admits duplicate keys
+            command, reply = _object(cmd_text, line, shallow=True), _object(reply_text, reply_line, shallow=True)
+        except _Unreadable as e:
+            return Dump(path, [], None, [e.problem])
+        if not isinstance(command, dict) or not isinstance(reply, dict):
+            return _parse_slow(text, path)  # names what is not an object
+        exchanges.append(Exchange(command, reply_text, line, reply_line, reply))
         line = reply_line + reply_text.count("\n") + 2
     if len(chunks) % 2:
         problems.append(Problem(line, f"command {_brief(chunks[-1])} has no reply"))
@@ -243,10 +291,9 @@ def _parse_slow(text: str, path: str) -> Dump:
     objects: list[tuple[int, str, object]] = []  # (line, text, parsed)
     for start, chunk in chunks:
         try:
-            objects.append((start, chunk, json.loads(chunk)))
-        except json.JSONDecodeError as e:
-            problems.append(Problem(start + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})", "json"))
-            return Dump(path, [], None, problems)
+            objects.append((start, chunk, _object(chunk, start)))
+        except _Unreadable as e:
+            return Dump(path, [], None, [*problems, e.problem])
 
     for line, _, obj in objects:
         if not isinstance(obj, dict):
@@ -274,6 +321,93 @@ def _parse_slow(text: str, path: str) -> Dump:
             if len(problems) >= MAX_PROBLEMS:
                 break
     return Dump(path, exchanges, layout, problems)
+
+
+class JsonProblem(ValueError):
+    """JSON Python's json module reads but cannot write back as it was, or nested too deep."""
+
+    def __init__(self, message: str, needle: str | None = None, nth: int = 1):
+        super().__init__(message)
+        self.message, self.needle, self.nth = message, needle, nth
+
+    def line_in(self, text: str) -> int:
+        """The line of ``text`` (1-based) where the problem is, as near as the needle tells."""
+        at = -1
+        for _ in range(self.nth if self.needle else 0):
+            at = text.find(self.needle, at + 1)
+            if at < 0:
+                return 1
+        return text.count("\n", 0, at) + 1 if at >= 0 else 1
+
+
+def _pairs(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise JsonProblem(f"duplicate key {key!r} (one of its values would be lost)", json.dumps(key) + ":", 2)
+    return obj
+
+
+def _constant(name: str) -> float:
+    raise JsonProblem(f"{name} is not a JSON number", name)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonProblem(f"number {text} is out of range (it would become {value})", text)
+    try:
+        exact = Decimal(text) == Decimal(repr(value))
+    except InvalidOperation:
+        exact = False
+    if not exact:
+        raise JsonProblem(f"number {text} cannot be kept exactly (it would become {value!r})", text)
+    return value
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float)
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
+
+
+def depth(text: str) -> int:
+    """How deep the JSON ``text`` nests (an estimate for text that is not JSON)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(map(_STEP, brackets)), default=0)
+
+
+def decode(text: str, shallow: bool = False) -> object:
+    """json.loads, strict: duplicate keys, non-finite or inexact numbers and nesting deeper
+    than MAX_DEPTH raise JsonProblem, bad JSON JSONDecodeError (both ValueErrors).
+    ``shallow``: the caller knows the text nests at most MAX_DEPTH levels."""
+    if not shallow and text.count("[") + text.count("{") > MAX_DEPTH and depth(text) > MAX_DEPTH:
+        raise JsonProblem(f"nested deeper than {MAX_DEPTH} levels")
+    try:
+        return _STRICT.decode(text)
+    except RecursionError:
+        raise JsonProblem(f"nested deeper than {MAX_DEPTH} levels") from None
+    except (JsonProblem, json.JSONDecodeError):
+        raise
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise JsonProblem(f"unreadable number: {str(e).split(';')[0]}") from None
+
+
+class _Unreadable(Exception):
+    def __init__(self, problem: Problem):
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _object(chunk: str, line: int, shallow: bool = False) -> object:
+    """The JSON value of a chunk starting at ``line``; what is wrong with it raises _Unreadable."""
+    try:
+        return decode(chunk, shallow)
+    except json.JSONDecodeError as e:
+        raise _Unreadable(Problem(line + e.lineno - 1, f"invalid JSON: {e.msg} (column {e.colno})", "json")) from None
+    except JsonProblem as e:
+        raise _Unreadable(Problem(line + e.line_in(chunk) - 1, f"invalid JSON: {e.message}", "json")) from None
 
 
 def _chunks(text: str) -> tuple[list[tuple[int, str]], list[Problem]]:
@@ -370,8 +504,8 @@ def _entry_line(ex: Exchange, entries: list, index: int) -> int:
 def _brief(command: object) -> str:
     if isinstance(command, str):
         try:
-            command = json.loads(command)
-        except json.JSONDecodeError:
+            command = decode(command)
+        except ValueError:
             return "(unparsable)"
     if isinstance(command, dict):
         return repr(command.get("execute", "?"))
