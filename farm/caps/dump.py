@@ -27,12 +27,11 @@ import json
 import math
 import os
 import re
-import stat
-from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from farm.caps import schema
+from farm.caps import schema, textfile
 from farm.errors import UsageError
 
 
@@ -151,43 +150,9 @@ MAX_DEPTH = 64  # a real dump nests 6 levels
 
 
 def read(path: str | Path) -> str:
-    """The text of a dump file. Anything but a readable regular UTF-8 file of at most
-    MAX_BYTES raises UsageError; FIFOs, devices and directories are not opened."""
-    path = Path(path)
-    try:
-        st = os.stat(path)
-        _check_file(path, st)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        _check_file(path, os.fstat(fd))  # the same file as stat()ed: not swapped for a FIFO meanwhile
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(MAX_BYTES + 1)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_BYTES:
-        raise UsageError(f"{path}: larger than {MAX_BYTES >> 20} MiB: not a dump")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def _check_file(path: Path, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = (
-            "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
-            else "a socket" if stat.S_ISSOCK(st.st_mode)
-            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
-        )
-        raise UsageError(f"{path}: is {kind}, not a .replies file")
-    if st.st_size > MAX_BYTES:
-        raise UsageError(f"{path}: larger than {MAX_BYTES >> 20} MiB: not a dump")
+    """The text of a dump file: a regular UTF-8 file of at most MAX_BYTES (anything else,
+    a FIFO, a device or a directory included, raises UsageError without being read)."""
+    return textfile.read(path, MAX_BYTES, ".replies file")
 
 
 def load(path: str | Path) -> Dump:
