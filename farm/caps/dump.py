@@ -32,7 +32,6 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from farm.caps import schema, textfile
-from farm.errors import UsageError
 
 
 class Layout(enum.Enum):
