@@ -44,6 +44,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _DEBIAN_VERSION = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
 _GIT_REF = re.compile(r"[A-Za-z0-9._/+-]+")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?")
+_PROGRAM = re.compile(r"[A-Za-z0-9_./+][A-Za-z0-9_./+-]*")
 
 
 class _At(ValueError):
@@ -204,6 +206,20 @@ class Host(BaseModel):
             raise ValueError(f"bad host name {value!r}: letters, digits, '.', '_', '-', not starting with a symbol")
         return value
 
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and not _USER.fullmatch(value):
+            raise ValueError(f"bad user name {value!r}: letters, digits, '.', '_', '-', not starting with '-' or '.'")
+        return value
+
+    @field_validator("agent_python")
+    @classmethod
+    def _agent_python(cls, value: str) -> str:
+        if not _PROGRAM.fullmatch(value):
+            raise ValueError(f"bad program {value!r}: a command name or path, no spaces, not starting with '-'")
+        return value
+
     @field_validator("arch", mode="before")
     @classmethod
     def _arch(cls, value: Any) -> Any:
@@ -362,8 +378,13 @@ def parse_inventory(text: str, source: str, base: Path | None = None) -> Invento
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise UsageError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"{source}: YAML error: {e}") from None
+    except yaml.YAMLError as e:  # e.g. a reader error: a NUL byte, a control character
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        if isinstance(e, yaml.reader.ReaderError):
+            where = f"{source}:{text.count(chr(10), 0, e.position) + 1}"
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise UsageError(f"{where}: YAML error: {' '.join(str(problem).split())}") from None
     if data is None:
         raise UsageError(f"{source}: empty inventory: expected a mapping with a 'hosts:' list")
     if not isinstance(data, dict):
