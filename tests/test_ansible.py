@@ -167,6 +167,43 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
     assert not out_dir.exists(), "check mode wrote files"
 
 
+def test_inventory_strings_are_never_templated_by_ansible(tmp_path):
+    """Inventory values reach Ansible marked unsafe: real Ansible reads and prints a lookup
+    template as text and runs nothing. The control, the same variables without the marks (what
+    `farm ansible-inventory` used to print), does run the command: the check can fail."""
+    marker = tmp_path / "pwned"
+    template = "{{ lookup('pipe', 'touch %s') }}" % marker
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"hosts": [{
+        "name": "here", "transport": "local", "arch": "x86_64", "tags": [template],
+        "toolchain": {"libvirt": f"builddir:/srv/{template}", "cache_dir": template},
+    }]}))
+    env = ansible_env(inventory)
+    show = "msg={{ farm_tags[0] }}|{{ farm_toolchain_libvirt }}|{{ farm_cache_dir }}"
+
+    def debug(inventory_source: str) -> subprocess.CompletedProcess:
+        return subprocess.run([tool("ansible"), "here", "-i", inventory_source, "-m", "ansible.builtin.debug",
+                               "-a", show, "--playbook-dir", str(ANSIBLE)], cwd=ANSIBLE, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    done = debug("inventory/farm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = json.loads(done.stdout.split("=>", 1)[1])["msg"]
+    assert shown == f"{template}|builddir:/srv/{template}|{template}"
+    assert not marker.exists()
+
+    # the control: the same output with the unsafe marks taken off
+    code, listed, err = farm(env, "ansible-inventory", "--list")
+    assert code == 0, err
+    unmarked = tmp_path / "unmarked.json"
+    unmarked.write_text(json.dumps(plain(listed)))
+    script = tmp_path / "unmarked.sh"
+    script.write_text(f"#!/bin/sh\ncase $1 in --list) cat {unmarked};; *) echo {{}};; esac\n")
+    script.chmod(0o755)
+    assert debug(str(script)).returncode == 0
+    assert marker.exists()
+
+
 # --- a real run against an SSH host ----------------------------------------------------------
 
 
