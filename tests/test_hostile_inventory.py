@@ -184,3 +184,13 @@ def test_a_port_is_an_integer_as_written(monkeypatch, capsys, tmp_path):
     code, out, err = run_hosts_list(monkeypatch, capsys, tmp_path, path)
     assert code == 0, err
     assert '"port": 2222' in out
+
+
+def test_markup_in_inventory_text_is_shown_literally(tmp_path):
+    """Tags are free text: `[/]` (a rich closing tag) and `[bold]` are printed as written."""
+    path = tmp_path / "inventory.yaml"
+    path.write_text(local(tags="['[/]', '[bold]x', ':smile:']"))
+    done = subprocess.run([sys.executable, "-m", "farm", "hosts", "list", "--inventory", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "[/],[bold]x,:smile:" in done.stdout
