@@ -76,6 +76,8 @@ DAMAGED: list[tuple[str, Callable[[str], bytes], str, tuple[int, int, int, int]]
         '"id"', '"execute": "qmp_capabilities",\n  "id"')), ":3: invalid JSON: duplicate key 'execute'", (1, 1, 1, 1)),
     ("a duplicate key in a reply", _replace('"micro": 0,', '"micro": 0,\n      "micro": 1,'),
      ":20: invalid JSON: duplicate key 'micro'", (1, 1, 1, 1)),
+    ("a duplicate key among many equal keys", _replace(SCHEMA_ENTRY, SCHEMA_ENTRY + '      "name": "query-status",\n'),
+     ":49: invalid JSON: duplicate key 'name'", (1, 1, 1, 1)),
     ("NaN", _replace('"micro": 0,', '"micro": NaN,'), ":19: invalid JSON: NaN is not a JSON number", (1, 1, 1, 1)),
     ("Infinity", _replace('"micro": 0,', '"micro": Infinity,'), "Infinity is not a JSON number", (1, 1, 1, 1)),
     ("-Infinity", _replace('"micro": 0,', '"micro": -Infinity,'), "-Infinity is not a JSON number", (1, 1, 1, 1)),

@@ -296,12 +296,32 @@ class JsonProblem(ValueError):
 
     def line_in(self, text: str) -> int:
         """The line of ``text`` (1-based) where the problem is, as near as the needle tells."""
+        if self.nth == 2 and self.needle:  # a duplicate key: its second line in the same object
+            line = _repeated_key_line(text, self.needle)
+            if line:
+                return line
         at = -1
         for _ in range(self.nth if self.needle else 0):
             at = text.find(self.needle, at + 1)
             if at < 0:
                 return 1
         return text.count("\n", 0, at) + 1 if at >= 0 else 1
+
+
+def _repeated_key_line(text: str, needle: str) -> int | None:
+    """In indented JSON: the line (1-based) where the key ``needle`` (``"key":``) comes a second
+    time in the same object (same indentation, no shallower line between); None if none does."""
+    seen: dict[int, int] = {}  # indentation -> line of the key there, in the objects still open
+    for number, line in enumerate(text.split("\n"), 1):
+        body = line.lstrip(" ")
+        indent = len(line) - len(body)
+        for deeper in [i for i in seen if i > indent]:
+            del seen[deeper]
+        if body.startswith(needle):
+            if indent in seen:
+                return number
+            seen[indent] = number
+    return None
 
 
 def _pairs(pairs: list[tuple[str, object]]) -> dict:
