@@ -1,7 +1,7 @@
 """The farm command line: parse, call the library, render (text or --json).
 
 Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
-real hardware, a file that needs formatting), 2 usage errors.
+real hardware, a file that needs formatting, an alarming coverage cell), 2 usage errors.
 
 Rich output never interprets text from dumps, hosts or logs: the console has
 markup, emoji and highlighting off, and styles are given as ``Text`` objects.
@@ -121,7 +121,7 @@ def cmd_diff(args) -> int:
     old, new = dump.load(args.old), dump.load(args.new)
     for d in (old, new):
         if not d.reformattable:  # layout, id and schema problems do not hide what the dump says
-            first = d.errors()[0] if d.problems else f"{d.path}: no exchanges"
+            first = f"line {d.problems[0].line}: {d.problems[0].message}" if d.problems else "no exchanges"
             print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
             return FINDINGS
     d = diff(old, new)
