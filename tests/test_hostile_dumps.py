@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,6 +99,12 @@ DAMAGED: list[tuple[str, Callable[[str], bytes], str, tuple[int, int, int, int]]
      "command has no 'execute' string", (1, 1, 1, 1)),
     ("the first command is not qmp_capabilities", _swap_first_exchanges,
      "first command is 'query-version', expected 'qmp_capabilities'", (1, 1, 1, 1)),
+    ("a blank line at the end", lambda t: (t + "\n").encode(), "extra blank line", (1, 1, 1, 1)),
+    ("20000 objects", lambda t: ("{}\n\n" * 20_000 + t).encode(), ":1: more than 20000 JSON objects", (1, 1, 1, 1)),
+    ("a 10 MB line", _replace('"micro": 0,', '"micro": [' + "1," * 5_000_000 + '1],'),
+     ":19: not in the current layout: expected '      \"micro\": [', found '      \"micro\": [1,1,", (1, 1, 1, 0)),
+    ("query-version a list", _replace(QUERY_VERSION_REPLY, '{\n  "return": [\n    1\n  ],\n  "x": {\n    "qemu": {\n      "micro": 0,'),
+     ": OK (current layout)", (0, 0, 1, 0)),
     ("a wrong id", _replace('"id": "libvirt-3"\n}\n\n{\n  "return"', '"id": "libvirt-9"\n}\n\n{\n  "return"'),
      ":28: command 'query-target' has id 'libvirt-9', expected 'libvirt-3'", (1, 1, 1, 0)),
     ("four-space indentation", _indent_first_reply, "not in the current layout", (1, 1, 1, 0)),
@@ -153,6 +160,25 @@ def test_a_damaged_dump_is_one_clear_finding_in_every_command(capsys, tmp_path, 
         assert (path.read_bytes(), path.stat().st_mtime_ns) == before
 
 
+def test_a_huge_damaged_dump_is_judged_within_seconds_in_short_lines(tmp_path, base):
+    """A dump just under the size limit whose one reply is an array of millions of numbers, laid
+    out right but nested one level deeper than the layout regex knows (the slow path), or on
+    one line: each command answers within seconds, and no message line quotes megabytes."""
+    numbers = ",\n".join(["        1"] * 1_000_000)
+    deep = base.replace('"micro": 0,', '"micro": [\n        [\n' + numbers + '\n        ]\n      ],', 1)
+    flat = base.replace('"micro": 0,', '"micro": [' + "1," * 5_000_000 + "1],", 1)
+    for text in (deep, flat):
+        path = tmp_path / BASE
+        path.write_text(text)
+        assert path.stat().st_size < dump.MAX_BYTES
+        for command in (["validate"], ["fmt", "--check"], ["inspect"]):
+            started = time.monotonic()
+            done = farm_process("replies", *command, str(path), timeout=60)
+            assert time.monotonic() - started < 10, command
+            assert done.returncode == 1 and done.stderr == "", done.stderr
+            assert max(map(len, done.stdout.splitlines())) < 500
+
+
 def test_fmt_never_changes_a_value(tmp_path, base):
     """What fmt accepts it rewrites without changing any value: a float in another spelling is
     kept as the same number; one Python cannot hold exactly is refused."""
@@ -174,7 +200,8 @@ def replies_tool(libvirt11: Path, path: Path) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.parametrize("case", ["a duplicate key in a command", "a duplicate key in a reply", "1e400"])
+@pytest.mark.parametrize("case", ["a duplicate key in a command", "a duplicate key in a reply", "1e400",
+                                  "a blank line at the end"])
 def test_duplicate_keys_and_out_of_range_numbers_are_invalid_as_for_qemu_replies_tool(libvirt11, tmp_path, base,
                                                                                       case):
     """The tool re-reads and re-writes the JSON: a duplicate key or 1e400 does not come back as it
@@ -225,7 +252,7 @@ def not_dumps(directory: Path) -> dict[str, tuple[Path, str]]:
         "directory": (folder, "is a directory, not a regular .replies file"),
         "device": (device, "is a device, not a regular .replies file"),
         "latin-1": (latin1, "not UTF-8 text (invalid continuation byte at byte 19)"),
-        "huge": (huge, "larger than 64 MiB, the .replies file limit"),
+        "huge": (huge, "larger than 16 MiB, the .replies file limit"),
     }
 
 

@@ -172,9 +172,11 @@ def _attr(attrs: dict, key: str) -> str:
 
 
 def _version(dump: Dump) -> str:
-    qemu = _result(dump, "query-version") or {}
-    qemu = qemu.get("qemu", {})
-    return ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro")) if qemu else "unknown"
+    reply = _result(dump, "query-version")
+    qemu = reply.get("qemu") if isinstance(reply, dict) else None
+    if not isinstance(qemu, dict) or not qemu:
+        return "unknown"
+    return ".".join(str(v) if isinstance(v := qemu.get(k), int) else "?" for k in ("major", "minor", "micro"))
 
 
 def _result(dump: Dump, execute: str, session: int = 0):

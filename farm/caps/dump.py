@@ -27,7 +27,8 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -144,8 +145,9 @@ class Dump:
 
 
 MAX_PROBLEMS = 20
-MAX_BYTES = 64 * 2**20  # a real dump is about 1 MB
+MAX_BYTES = 16 * 2**20  # a real dump is about 1 MB; checking a hostile one of this size takes < 3 s
 MAX_DEPTH = 64  # a real dump nests 6 levels
+MAX_OBJECTS = 20_000  # commands and replies; a real dump has a few hundred
 
 
 def read(path: str | Path) -> str:
@@ -184,6 +186,8 @@ def _checked(path: str | Path) -> Dump:
 
 def parse(text: str, path: str = "<dump>") -> Dump:
     """Parse and validate a dump. Never raises for bad content: see ``problems``."""
+    if text.count("\n\n") >= MAX_OBJECTS:
+        return Dump(path, [], None, [Problem(1, f"more than {MAX_OBJECTS} JSON objects: not a probe's dump")])
     layout = _matching_layout(text)
     if layout is not None:
         dump = _parse_canonical(text, path, layout)
@@ -193,6 +197,7 @@ def parse(text: str, path: str = "<dump>") -> Dump:
         _check_ids(dump)
         _check_schema(dump)
     del dump.problems[MAX_PROBLEMS:]
+    dump.problems = [replace(p, message=_clip(p.message, 300)) for p in dump.problems]
     return dump
 
 
@@ -273,12 +278,10 @@ def _parse_slow(text: str, path: str) -> Dump:
         line, _, command = objects[-1]
         problems.append(Problem(line, f"command {_brief(command)} has no reply"))
 
-    layout = _closest_layout(objects)
-    encode = _encoder(layout)
-    for line, chunk, obj in objects:
-        expected = encode(obj)
-        if expected != chunk:
-            at, want, got = _first_difference(expected, chunk)
+    layout, mismatches = _closest_layout(objects)
+    for (line, chunk, obj), offset in zip(objects, mismatches):
+        if offset is not None:
+            at, want, got = _difference_at(obj, chunk, layout, offset)
             problems.append(
                 Problem(line + at, f"not in the {layout.value} layout: expected {want!r}, found {got!r}", "layout")
             )
@@ -394,47 +397,76 @@ def _object(chunk: str, line: int, shallow: bool = False) -> object:
         raise _Unreadable(Problem(line + e.line_in(chunk) - 1, f"invalid JSON: {e.message}", "json")) from None
 
 
+_CHUNK = re.compile(r"[^\n]+(?:\n[^\n]+)*+")
+
+
 def _chunks(text: str) -> tuple[list[tuple[int, str]], list[Problem]]:
-    """The blank-line separated objects with their first lines, and separator problems."""
+    """The blank-line separated objects with their first lines, and separator problems
+    (one per run of extra blank lines: a file of millions of them is still a few problems)."""
     problems: list[Problem] = []
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    else:
-        problems.append(Problem(len(lines), "missing final newline"))
     chunks: list[tuple[int, str]] = []
-    start, buf = 1, []
-    for number, line in enumerate(lines, 1):
-        if line:
-            start = start if buf else number
-            buf.append(line)
-        elif buf:
-            chunks.append((start, "\n".join(buf)))
-            buf = []
-        else:
-            problems.append(Problem(number, "extra blank line (objects are separated by exactly one)"))
-    if buf:
-        chunks.append((start, "\n".join(buf)))
+    line, at = 1, 0  # the line number at offset ``at``
+    for m in _CHUNK.finditer(text):
+        gap = text.count("\n", at, m.start())  # before the first object: 0; between two: 2
+        line += gap
+        extra = gap if not chunks else gap - 2
+        if extra > 0 and len(problems) < MAX_PROBLEMS:
+            problems.append(Problem(line - extra, "extra blank line (objects are separated by exactly one)"))
+        chunks.append((line, m[0]))
+        line += m[0].count("\n")
+        at = m.end()
+    trailing = text.count("\n", at)
+    if not text.endswith("\n"):
+        problems.append(Problem(line, "missing final newline"))
+    elif trailing > 1 or not chunks:  # a blank line at the end (or nothing but blank lines)
+        problems.append(Problem(line + 1 if chunks else 1, "extra blank line (objects are separated by exactly one)"))
     return chunks, problems
 
 
-def _closest_layout(objects: list[tuple[int, str, object]]) -> Layout:
-    """The layout most objects are in (ties: current)."""
-    score = {layout: 0 for layout in Layout}
+def _closest_layout(objects: list[tuple[int, str, object]]) -> tuple[Layout, list[int | None]]:
+    """The layout most objects are in (ties: current), and where each object differs from it."""
+    found: dict[Layout, list[int | None]] = {layout: [] for layout in Layout}
     for _, chunk, obj in objects:
-        for layout in Layout:
-            if _encoder(layout)(obj) == chunk:
-                score[layout] += 1
-    return max(Layout, key=lambda layout: (score[layout], layout is Layout.current))
+        current = _mismatch(obj, chunk, Layout.current)
+        found[Layout.current].append(current)
+        # the layouts differ in empty containers only: without any, one match is both
+        same = current is None and "{}" not in chunk and "[]" not in chunk
+        found[Layout.old].append(None if same else _mismatch(obj, chunk, Layout.old))
+    layout = max(Layout, key=lambda layout: (found[layout].count(None), layout is Layout.current))
+    return layout, found[layout]
 
 
-def _first_difference(expected: str, found: str) -> tuple[int, str, str]:
-    want, got = expected.split("\n"), found.split("\n")
-    for i, (a, b) in enumerate(zip(want, got)):
-        if a != b:
-            return i, a, b
-    n = min(len(want), len(got))
-    return n, (want[n] if n < len(want) else "<end>"), (got[n] if n < len(got) else "<end>")
+def _mismatch(obj: object, chunk: str, layout: Layout) -> int | None:
+    """Where ``chunk`` first differs from ``obj`` written in ``layout`` (None: nowhere). The
+    writing stops there: a huge object on one line costs nothing."""
+    pos = 0
+    for piece in _pieces(obj, layout):
+        end = pos + len(piece)
+        if not chunk.startswith(piece, pos):
+            return pos + next((i for i, c in enumerate(piece) if pos + i >= len(chunk) or chunk[pos + i] != c),
+                              len(piece))
+        pos = end
+    return None if pos == len(chunk) else pos
+
+
+def _difference_at(obj: object, chunk: str, layout: Layout, offset: int) -> tuple[int, str, str]:
+    """(line index in the chunk, expected line, found line) of a mismatch at ``offset``."""
+    n = chunk.count("\n", 0, offset)
+    written: list[str] = []
+    size = 0
+    for piece in _pieces(obj, layout):  # up to the end of the line of the mismatch
+        written.append(piece)
+        size += len(piece)
+        if size > offset and "\n" in piece[max(0, offset - size + len(piece)):]:
+            break
+    want = "".join(written).split("\n")
+    got = chunk.split("\n", n + 1)
+    return n, (_clip(want[n]) if n < len(want) else "<end>"), (_clip(got[n]) if n < len(got) else "<end>")
+
+
+def _clip(line: str, width: int = 120) -> str:
+    """A line as shown in a message: at most ``width`` characters."""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 # --- checks on parsed exchanges ---------------------------------------------
@@ -444,6 +476,8 @@ def _check_ids(dump: Dump) -> None:
     """ids are libvirt-N, restarting at 1 at every qmp_capabilities."""
     seq = None
     for ex in dump.exchanges:
+        if len(dump.problems) >= MAX_PROBLEMS:
+            return
         if not isinstance(ex.command.get("execute"), str):
             dump.problems.append(Problem(ex.line, "command has no 'execute' string"))
             continue
@@ -507,20 +541,34 @@ def _encode_current(obj: object) -> str:
     return json.dumps(obj, indent=2)
 
 
-def _encode_old(obj: object, level: int = 0) -> str:
-    """libvirt <= 9.x: like json.dumps(indent=2) but empty containers open."""
+_CURRENT = json.JSONEncoder(indent=2)
+
+
+def _pieces(obj: object, layout: Layout, level: int = 0) -> Iterator[str]:
+    """``obj`` written in ``layout``, piece by piece (joined: what the encoder writes)."""
+    if layout is Layout.current:
+        yield from _CURRENT.iterencode(obj)
+        return
     pad = "  " * level
-    if isinstance(obj, dict):
-        if not obj:
-            return "{\n" + pad + "}"
-        inner = ",\n".join(f"{pad}  {json.dumps(k)}: {_encode_old(v, level + 1)}" for k, v in obj.items())
-        return "{\n" + inner + "\n" + pad + "}"
-    if isinstance(obj, list):
-        if not obj:
-            return "[\n" + pad + "]"
-        inner = ",\n".join(f"{pad}  {_encode_old(v, level + 1)}" for v in obj)
-        return "[\n" + inner + "\n" + pad + "]"
-    return json.dumps(obj)
+    if isinstance(obj, (dict, list)) and not obj:
+        yield ("{\n" if isinstance(obj, dict) else "[\n") + pad + ("}" if isinstance(obj, dict) else "]")
+    elif isinstance(obj, dict):
+        for i, (k, v) in enumerate(obj.items()):
+            yield ("{\n" if i == 0 else ",\n") + f"{pad}  {json.dumps(k)}: "
+            yield from _pieces(v, layout, level + 1)
+        yield "\n" + pad + "}"
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield ("[\n" if i == 0 else ",\n") + f"{pad}  "
+            yield from _pieces(v, layout, level + 1)
+        yield "\n" + pad + "]"
+    else:
+        yield json.dumps(obj)
+
+
+def _encode_old(obj: object) -> str:
+    """libvirt <= 9.x: like json.dumps(indent=2) but empty containers open."""
+    return "".join(_pieces(obj, Layout.old))
 
 
 # A regex of each layout's grammar, nested to a fixed depth (libvirt's dumps
