@@ -116,7 +116,7 @@ def cmd_fmt(args) -> int:
 
 def cmd_diff(args) -> int:
     from farm.caps import dump
-    from farm.caps.diff import diff
+    from farm.caps.diff import Malformed, diff
 
     old, new = dump.load(args.old), dump.load(args.new)
     for d in (old, new):
@@ -124,7 +124,11 @@ def cmd_diff(args) -> int:
             first = f"line {d.problems[0].line}: {d.problems[0].message}" if d.problems else "no exchanges"
             print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
             return FINDINGS
-    d = diff(old, new)
+    try:
+        d = diff(old, new)
+    except Malformed as e:
+        print(f"farm: {e.path}: not a dump to compare: {e.message}", file=sys.stderr)
+        return FINDINGS
     if args.json:
         _print_json(d.to_json())
     elif args.markdown:

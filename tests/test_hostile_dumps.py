@@ -329,3 +329,46 @@ def test_a_lone_surrogate_in_a_dump_is_printed_escaped_not_a_traceback(tmp_path,
     done = farm_process("replies", "inspect", str(path))
     assert (done.returncode, done.stderr) == (0, "")
     assert "v9.1.0 \\ud800" in done.stdout
+
+
+SHAPES = [None, 7, "text", [1, "a", None], {"qemu": [1]}, [{"name": 5}]]
+
+
+def test_replies_of_any_shape_are_judged_never_raised(base):
+    """Every reply's `return` of the real dump replaced, one at a time, by each JSON shape QEMU
+    never sends: parsing and inspecting never raise, and diff either compares or refuses with
+    Malformed (the CLI's one-line refusal), never another exception."""
+    from farm.caps.diff import Malformed, diff
+    from farm.caps.inspect import inspect
+    from farm.caps.names import DumpName
+
+    chunks = base[:-1].split("\n\n")
+    name = DumpName.parse(BASE)
+    good = dump.parse(base)
+    refused = compared = 0
+    for i in range(1, len(chunks), 2):
+        reply = json.loads(chunks[i])
+        for shape in SHAPES:
+            damaged = list(chunks)
+            damaged[i] = json.dumps({**reply, "return": shape}, indent=2)
+            d = dump.parse("\n\n".join(damaged) + "\n")
+            inspect(d, name)
+            try:
+                diff(good, d), diff(d, good)
+                compared += 1
+            except Malformed:
+                refused += 1
+    assert refused and compared
+
+
+def test_diff_refuses_a_reply_of_a_shape_qemu_never_sends_in_one_line(capsys, tmp_path, data11, base):
+    path = tmp_path / BASE
+    chunks = base[:-1].split("\n\n")
+    at = next(i for i in range(0, len(chunks), 2) if '"execute": "query-machines"' in chunks[i]) + 1
+    reply = json.loads(chunks[at])
+    chunks[at] = json.dumps({**reply, "return": 7}, indent=2)
+    path.write_text("\n\n".join(chunks) + "\n")
+    code, out, err = run(capsys, "replies", "diff", str(data11 / BASE), str(path))
+    assert (code, out) == (1, "")
+    assert err == f"farm: {path}: not a dump to compare: Machine types: a reply QEMU would not send " \
+                  "(TypeError: 'int' object is not iterable)\n"

@@ -117,9 +117,26 @@ def _code(item: str) -> str:
 # --- comparing -----------------------------------------------------------------
 
 
+class Malformed(ValueError):
+    """A dump whose replies are not shaped as QEMU answers (a list where QEMU sends objects, ...)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = path, message
+
+
 def diff(old: Dump, new: Dump) -> DumpDiff:
+    """The semantic diff; a reply of a shape QEMU never sends raises Malformed."""
+
+    def items(title: str, extract: Callable[[Dump], Items], dump: Dump) -> Items:
+        try:
+            return extract(dump)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise Malformed(dump.path, f"{title}: a reply QEMU would not send ({type(e).__name__}: {e})") from None
+
     def run(table: dict[str, Callable[[Dump], Items]]) -> list[Change]:
-        changes = [_compare(title, extract(old), extract(new)) for title, extract in table.items()]
+        changes = [_compare(title, items(title, extract, old), items(title, extract, new))
+                   for title, extract in table.items()]
         return [c for c in changes if c.added or c.removed or c.changed]
 
     return DumpDiff(

@@ -510,6 +510,8 @@ def _check_schema(dump: Dump) -> None:
 
 def _entry_line(ex: Exchange, entries: list, index: int) -> int:
     """The line of a schema entry, found by its unique name."""
+    if not isinstance(entries, list) or index >= len(entries):
+        return ex.reply_line
     entry = entries[index]
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         needle = '\n      "name": ' + json.dumps(entry["name"])
