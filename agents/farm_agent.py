@@ -255,6 +255,9 @@ def parse_git_spec(value: str) -> Tuple[str, str]:
     url, sep, ref = value.rpartition("@")
     if not sep or not url or not ref:
         raise UsageError("--source: expected git:URL@REF, got %r" % ("git:" + value))
+    for what, text in (("URL", url), ("ref", ref)):  # never an option of git
+        if text.startswith("-") or any(c.isspace() or not c.isprintable() for c in text):
+            raise UsageError("--source: bad git %s %r: starts with '-' or has whitespace" % (what, text))
     return url, ref
 
 
@@ -346,7 +349,7 @@ def git_mirror(cache: str, url: str) -> str:
     if not os.path.isdir(mirror):
         tmp = "%s.tmp-%d" % (mirror, os.getpid())
         shutil.rmtree(tmp, ignore_errors=True)
-        run_streamed(["git", "clone", "--mirror", "--progress", url, tmp], "git clone")
+        run_streamed(["git", "clone", "--mirror", "--progress", "--", url, tmp], "git clone")
         os.replace(tmp, mirror)
     return mirror
 
@@ -375,8 +378,8 @@ def git_resolve(mirror: str, ref: str) -> str:
 
 def git_checkout(mirror: str, url: str, commit: str, dest: str) -> None:
     """Check out commit from the mirror into dest, with submodules."""
-    run_streamed(["git", "clone", "--quiet", "--no-checkout", mirror, dest], "git clone")
-    run_capture(["git", "-C", dest, "remote", "set-url", "origin", url])
+    run_streamed(["git", "clone", "--quiet", "--no-checkout", "--", mirror, dest], "git clone")
+    run_capture(["git", "-C", dest, "remote", "set-url", "--", "origin", url])
     run_capture(["git", "-C", dest, "checkout", "--quiet", "--detach", commit], timeout=600)
     if os.path.exists(os.path.join(dest, ".gitmodules")):
         run_streamed(["git", "-C", dest, "submodule", "update", "--init", "--recursive"],

@@ -6,6 +6,11 @@ variables; ``--host NAME`` prints one host's variables. Groups: ``agents`` (ever
 ``localhost`` over a local connection). Host variables: ``ansible_host``, ``ansible_port`` and
 ``ansible_user`` (ssh hosts) or ``ansible_connection: local`` (local hosts), and ``farm_*``: what the
 roles need to provision the host as the inventory describes it.
+
+Every string of a host's variables is marked unsafe, ``{"__ansible_unsafe": "..."}``: Ansible
+never templates it, so an inventory value such as ``{{ lookup('pipe', ...) }}`` stays text and
+runs nothing on the controller. Only the coordinator's own ``ansible_python_interpreter`` (farm's
+constant, not the inventory's) is a template.
 """
 
 from __future__ import annotations
@@ -23,8 +28,23 @@ def group_name(prefix: str, value: str) -> str:
     return prefix + re.sub(r"[^A-Za-z0-9_]", "_", value)
 
 
+def unsafe(value: Any) -> Any:
+    """``value`` with every string marked unsafe for Ansible (never templated)."""
+    if isinstance(value, str):
+        return {"__ansible_unsafe": value}
+    if isinstance(value, list):
+        return [unsafe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unsafe(v) for k, v in value.items()}
+    return value
+
+
 def host_vars(host: Host) -> dict[str, Any]:
-    """The Ansible variables of one inventory host."""
+    """The Ansible variables of one inventory host, strings marked unsafe."""
+    return unsafe(_host_vars(host))
+
+
+def _host_vars(host: Host) -> dict[str, Any]:
     if host.transport == "local":
         connection: dict[str, Any] = {"ansible_connection": "local"}
     else:

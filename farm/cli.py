@@ -1,7 +1,10 @@
 """The farm command line: parse, call the library, render (text or --json).
 
 Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
-real hardware, a file that needs formatting), 2 usage errors.
+real hardware, a file that needs formatting, an alarming coverage cell), 2 usage errors.
+
+Rich output never interprets text from dumps, hosts or logs: the console has
+markup, emoji and highlighting off, and styles are given as ``Text`` objects.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a dump's lone surrogate is printed escaped, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return USAGE
@@ -93,13 +99,14 @@ def cmd_fmt(args) -> int:
     status = OK
     report = []
     for f in args.files:
-        d = dump.load(f)
+        original = dump.read(f)
+        d = dump.parse(original, f)
         if not d.reformattable:
             report.append({"file": d.path, "status": "unformattable", "problems": d.errors()})
             status = FINDINGS
             continue
         text = dump.render(d.exchanges)
-        if text == Path(f).read_text(encoding="utf-8"):
+        if text == original:
             report.append({"file": d.path, "status": "unchanged"})
         elif args.check:
             report.append({"file": d.path, "status": "would reformat"})
@@ -119,9 +126,19 @@ def cmd_fmt(args) -> int:
 
 def cmd_diff(args) -> int:
     from farm.caps import dump
-    from farm.caps.diff import diff
+    from farm.caps.diff import Malformed, diff
 
-    d = diff(dump.load(args.old), dump.load(args.new))
+    old, new = dump.load(args.old), dump.load(args.new)
+    for d in (old, new):
+        if not d.reformattable:  # layout, id and schema problems do not hide what the dump says
+            first = f"line {d.problems[0].line}: {d.problems[0].message}" if d.problems else "no exchanges"
+            print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
+            return FINDINGS
+    try:
+        d = diff(old, new)
+    except Malformed as e:
+        print(f"farm: {e.path}: not a dump to compare: {e.message}", file=sys.stderr)
+        return FINDINGS
     if args.json:
         _print_json(d.to_json())
     elif args.markdown:
@@ -138,10 +155,12 @@ def cmd_coverage(args) -> int:
     from farm.coverage import coverage
 
     cov = coverage(Path(args.tree))
+    status = FINDINGS if any(c.inspection.alarming for c in cov.cells) else OK
     if args.json:
         _print_json(cov.to_json())
-        return OK
+        return status
     from rich.table import Table
+    from rich.text import Text
 
     style = {"real": "green", "fake": "yellow", "invalid": "bold red"}
     table = Table(title=f"{cov.directory} ({cov.scheme.value} names)")
@@ -157,16 +176,17 @@ def cmd_coverage(args) -> int:
                 continue
             verdict = cell.inspection.verdict.value
             alarm = "!" if cell.inspection.alarming else ""
-            row.append(f"[{style[verdict]}]{verdict}{alarm}[/]")
+            row.append(Text(verdict + alarm, style[verdict]))
         table.add_row(*row)
     console = _console()
     console.print(table)
     for cell in cov.cells:
         if cell.inspection.alarming:
-            console.print(f"[bold red]{Path(cell.inspection.file).name}[/]: " + "; ".join(cell.inspection.reasons))
+            console.print(Text.assemble((Path(cell.inspection.file).name, "bold red"),
+                                        ": " + "; ".join(cell.inspection.reasons)))
     for stray in cov.strays:
-        console.print(f"[yellow]ignored[/]: {stray}")
-    return OK
+        console.print(Text.assemble(("ignored", "yellow"), f": {stray}"))
+    return status
 
 
 # --- farm hosts -------------------------------------------------------------------
@@ -232,8 +252,8 @@ def cmd_hosts_check(args) -> int:
     if args.json:
         _print_json(report)
     else:
-        from rich.markup import escape
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title=f"hosts of {inventory.source}")
         for column in ("host", "arch", "machine", "kernel", "CPU", "/dev/kvm", "real dumps", "QEMU", "probes",
@@ -242,17 +262,18 @@ def cmd_hosts_check(args) -> int:
         for e in report:
             f = e.get("facts")
             if not f:
-                machine = "[yellow]reached[/]" if e["error_kind"] == "config" else "[red]unreachable[/]"
+                machine = Text("reached", "yellow") if e["error_kind"] == "config" else Text("unreachable", "red")
                 error = f"configuration error: {e['error']}" if e["error_kind"] == "config" else e["error"]
-                table.add_row(e["name"], e["arch"], machine, escape(error), "", "", "", "", "", "")
+                table.add_row(e["name"], e["arch"], machine, error, "", "", "", "", "", "")
                 continue
             kvm = f["kvm"]
             qemu = [q for q in f.get("qemu", []) if q.get("arch") == Architecture.parse(e["arch"]).qemu_target]
             table.add_row(
-                e["name"], e["arch"], f.get("arch", "?"), f.get("kernel", "?"), (f.get("cpu_model") or "?")[:40],
-                "[green]usable[/]" if kvm.get("usable") else f"[red]{kvm.get('error') or 'missing'}[/]",
-                "[green]yes[/]" if e["real_dumps"] else "[yellow]no (TCG only)[/]",
-                ", ".join(q.get("version") or "?" for q in qemu) or "[red]none[/]",
+                e["name"], e["arch"], str(f.get("arch", "?")), str(f.get("kernel", "?")),
+                str(f.get("cpu_model") or "?")[:40],
+                Text("usable", "green") if kvm.get("usable") else Text(str(kvm.get("error") or "missing"), "red"),
+                Text("yes", "green") if e["real_dumps"] else Text("no (TCG only)", "yellow"),
+                ", ".join(str(q.get("version") or "?") for q in qemu) or Text("none", "red"),
                 str(len(f.get("probes", []))),
                 _network_cell(e["network"]),
             )
@@ -260,23 +281,23 @@ def cmd_hosts_check(args) -> int:
         console.print(table)
         for e in report:  # reached, facts known, and refused (e.g. of another arch than the inventory says)
             if e.get("facts") and e.get("error"):
-                console.print(f"[yellow]{escape(e['name'])}[/]: configuration error: {escape(e['error'])}")
+                console.print(Text.assemble((e["name"], "yellow"), f": configuration error: {e['error']}"))
             for warning in e.get("warnings", []):
-                console.print(f"[yellow]{escape(e['name'])}[/]: warning: {escape(warning)}")
+                console.print(Text.assemble((e["name"], "yellow"), f": warning: {warning}"))
     return OK if all(e["ok"] for e in report) else FINDINGS
 
 
-def _network_cell(network: dict) -> str:
+def _network_cell(network: dict):
     """hosts check's network column: not needed, or needed for what and whether the host has it."""
-    from rich.markup import escape
+    from rich.text import Text
 
     if not network["needs"]:
-        return "[green]not needed[/]"
+        return Text("not needed", "green")
     what = ", ".join(f"{k} {v}" for k, v in network["sources"].items())
     failed = [f"{c['endpoint']}: {c.get('error')}" for c in network["checks"] if not c.get("ok")]
     if network["reachable"]:
-        return f"[green]needed, reachable[/] ({escape(what)})"
-    return f"[red]needed, unreachable[/] ({escape('; '.join(failed) or what)})"
+        return Text.assemble(("needed, reachable", "green"), f" ({what})")
+    return Text.assemble(("needed, unreachable", "red"), f" ({'; '.join(failed) or what})")
 
 
 def cmd_hosts_release(args) -> int:
@@ -320,6 +341,7 @@ def cmd_status(args) -> int:
         _print_json(status)
         return OK
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"farm status ({status['mode']})")
     for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
@@ -327,22 +349,24 @@ def cmd_status(args) -> int:
     from rich.markup import escape
 
     for h in hosts:
-        health = {"quarantined": "[bold red]quarantined[/]", "failing": f"[yellow]{h['failures']} failure(s)[/]",
-                  "misconfigured": "[yellow]configuration error[/]", "ok": "[green]ok[/]"}.get(h["state"], h["state"])
-        failure = "-"
+        health = {"quarantined": Text("quarantined", "bold red"),
+                  "failing": Text(f"{h['failures']} failure(s)", "yellow"),
+                  "misconfigured": Text("configuration error", "yellow"), "ok": Text("ok", "green")}.get(
+                      h["state"], h["state"])
+        failure: str | Text = "-"
         if h["last_failure"]:
             why = h["last_failure_reason"]
             if h["last_failure_kind"] == "config":
                 why = f"configuration error: {why}"
-            failure = escape(f"{_when(h['last_failure'])}: {why}")
+            failure = f"{_when(h['last_failure'])}: {why}"
             if not h["failing_now"]:  # seen working since: a past failure
-                failure = f"[dim]past: {failure}[/]"
-        served = "-" if h["served"] is None else ("yes" if h["served"] else "[red]no worker[/]")
+                failure = Text(f"past: {failure}", "dim")
+        served = "-" if h["served"] is None else ("yes" if h["served"] else Text("no worker", "red"))
         table.add_row(h["name"], h["arch"], health, _when(h["last_seen"]), failure, served, ", ".join(h["running"]) or "-")
     console = _console()
     console.print(table)
     for worker, queues in live.items():
-        console.print(f"worker {worker}: {', '.join(queues)}")
+        console.print(f"worker {worker}: {', '.join(queues)}")  # plain: the console reads no markup
     return OK
 
 
@@ -624,8 +648,9 @@ class _JobProgress:
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
-                SpinnerColumn(), TextColumn("{task.fields[job]}"), TimeElapsedColumn(), TextColumn("{task.description}"),
-                console=Console(stderr=True), transient=False,
+                SpinnerColumn(), TextColumn("{task.fields[job]}", markup=False), TimeElapsedColumn(),
+                TextColumn("{task.description}", markup=False),
+                console=Console(stderr=True, markup=False, emoji=False, highlight=False), transient=False,
             )
             self.progress.__enter__()
         return self
@@ -655,6 +680,7 @@ class _JobProgress:
 
 def _print_run(record) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from farm.caps.names import column
 
@@ -666,7 +692,7 @@ def _print_run(record) -> None:
     for j in record.jobs:
         table.add_row(
             column(j.arch, j.variant), j.host or "-",
-            f"[{style.get(j.status, 'white')}]{j.status}[/]", j.verdict or "-",
+            Text(j.status, style.get(j.status, "white")), j.verdict or "-",
             "\n".join(j.reasons + [f"warning: {w}" for w in j.warnings]) or "-", j.artifact or "-",
         )
     _console().print(table)
@@ -697,10 +723,11 @@ def _console():
     """stdout's console: as wide as $COLUMNS says (1 to 10000), else the terminal, else 200 columns."""
     from rich.console import Console
 
+    plain = {"markup": False, "emoji": False, "highlight": False}  # text from dumps and hosts is never markup
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and 0 < int(columns) <= 10000:
-        return Console(width=int(columns))
-    return Console() if sys.stdout.isatty() else Console(width=200)
+        return Console(width=int(columns), **plain)
+    return Console(**plain) if sys.stdout.isatty() else Console(width=200, **plain)
 
 
 def _dump_name(path: str):

@@ -1,4 +1,7 @@
-"""Coverage of a libvirt checkout: QEMU version x arch x variant, each cell judged."""
+"""Coverage of a libvirt checkout: QEMU version x arch x variant, each cell judged.
+
+A file named like a dump that cannot be read as one (a directory, a FIFO, not UTF-8, too
+large) is an invalid cell; the other cells are judged as usual."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 
 from farm.caps import dump
 from farm.caps.arch import Architecture
-from farm.caps.inspect import Inspection, inspect
+from farm.caps.inspect import Inspection, inspect, unreadable
 from farm.caps.names import DumpName, Scheme, column, detect_scheme
 from farm.caps.version import QemuVersion
 from farm.errors import UsageError
@@ -82,7 +85,11 @@ def coverage(tree: Path) -> Coverage:
         except UsageError as e:
             strays.append(str(e))
             continue
-        cells.append(Cell(name.version, column(name.arch.value, name.variant), inspect(dump.load(path), name)))
+        try:
+            inspection = inspect(dump.load(path), name)
+        except UsageError as e:  # a directory, a FIFO, not UTF-8, too large: a bad cell, the rest still shown
+            inspection = unreadable(str(path), name, str(e).removeprefix(f"{path}: "))
+        cells.append(Cell(name.version, column(name.arch.value, name.variant), inspection))
     return Coverage(directory, detect_scheme(directory), cells, strays)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from farm.caps import textfile
 from farm.caps.arch import Architecture
 from farm.caps.names import parse_variant
 from farm.errors import UsageError
@@ -28,6 +29,9 @@ from farm.errors import UsageError
 LIBVIRT_GIT = "https://gitlab.com/libvirt/libvirt.git"
 DEFAULT_LIBVIRT = f"git:{LIBVIRT_GIT}@master"
 DEFAULT_INVENTORY = "inventories/local.yaml"  # inside the farm package
+MAX_BYTES = 4 * 2**20  # an inventory file; a farm of a thousand hosts is about 300 KiB
+MAX_DEPTH = 32  # YAML nesting; an inventory nests 5 levels
+MAX_NODES = 200_000  # YAML values, aliases expanded
 
 HOST_KEY_TYPES = (
     "ssh-ed25519",
@@ -40,6 +44,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _DEBIAN_VERSION = re.compile(r"[0-9][A-Za-z0-9.+~:-]*")
 _GIT_REF = re.compile(r"[A-Za-z0-9._/+-]+")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}\$?")
+_PROGRAM = re.compile(r"[A-Za-z0-9_./+][A-Za-z0-9_./+-]*")
 
 
 class _At(ValueError):
@@ -98,8 +104,10 @@ def _parse_source(text: str, kinds: tuple[str, ...]) -> Source:
         return Source(kind)
     if kind == "git":
         url, at, ref = rest.rpartition("@")
-        if not at or not url or git_ref_problem(ref) or any(c.isspace() for c in url):
+        if not at or not url or git_ref_problem(ref) or any(c.isspace() or not c.isprintable() for c in url):
             raise ValueError(f"bad source {text!r}: expected git:URL@REF, e.g. git:{LIBVIRT_GIT}@master")
+        if url.startswith("-"):  # handed to git: never an option
+            raise ValueError(f"bad source {text!r}: the git URL starts with '-'")
         return Source(kind, url, ref)
     if kind == "debian":
         if not _DEBIAN_VERSION.fullmatch(rest):
@@ -211,7 +219,7 @@ class Host(BaseModel):
     arch: Architecture = Field(description="the arch of the dumps this host makes (libvirt's name)")
     transport: Literal["ssh", "local"] = Field("ssh", description="ssh, or local for this machine")
     address: str | None = Field(None, description="hostname or IP address (ssh)")
-    port: int = Field(22, ge=1, le=65535, description="SSH port")
+    port: int = Field(22, ge=1, le=65535, strict=True, description="SSH port (an integer, 1-65535)")
     user: str | None = Field(
         None,
         description="the user the agent runs as: SSH user (default farm); for local hosts "
@@ -221,7 +229,7 @@ class Host(BaseModel):
     known_hosts: Path | None = Field(None, description="known_hosts file to check the host key against instead")
     identity_file: Path | None = Field(None, description="SSH private key (default: the SSH agent / ~/.ssh)")
     variants: list[str] = Field([], description="variants it can produce besides the plain dump, e.g. amdsev")
-    max_jobs: int = Field(1, ge=1, description="probes run at once on this host")
+    max_jobs: int = Field(1, ge=1, strict=True, description="probes run at once on this host")
     toolchain: Toolchain = Field(Toolchain(), description="libvirt and QEMU sources, cache dir")
     tags: list[str] = Field([], description="free-form labels, e.g. for selecting hosts")
     agent_python: str = Field("python3", description="Python (>= 3.9) that runs the agent on the host")
@@ -231,6 +239,20 @@ class Host(BaseModel):
     def _name(cls, value: str) -> str:
         if not _NAME.fullmatch(value):
             raise ValueError(f"bad host name {value!r}: letters, digits, '.', '_', '-', not starting with a symbol")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and not _USER.fullmatch(value):
+            raise ValueError(f"bad user name {value!r}: letters, digits, '.', '_', '-', not starting with '-' or '.'")
+        return value
+
+    @field_validator("agent_python")
+    @classmethod
+    def _agent_python(cls, value: str) -> str:
+        if not _PROGRAM.fullmatch(value):
+            raise ValueError(f"bad program {value!r}: a command name or path, no spaces, not starting with '-'")
         return value
 
     @field_validator("arch", mode="before")
@@ -297,7 +319,7 @@ class Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535, strict=True)
     known_hosts: Path | None = None
     identity_file: Path | None = None
     agent_python: str | None = None
@@ -372,18 +394,14 @@ def _merge(defaults: dict[str, Any], host: dict[str, Any]) -> dict[str, Any]:
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
     """Read and check an inventory file; every problem is a one-line UsageError."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such inventory file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot read inventory: {getattr(e, 'strerror', None) or e}") from None
+    text = textfile.read(path, MAX_BYTES, "inventory file")
     return parse_inventory(text, str(path), base=path.parent)
 
 
 def parse_inventory(text: str, source: str, base: Path | None = None) -> Inventory:
     """Check the YAML ``text`` of an inventory; ``source`` names it in error messages."""
     try:
+        _check_shape(text, source)
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
@@ -395,8 +413,13 @@ def parse_inventory(text: str, source: str, base: Path | None = None) -> Invento
         mark = e.problem_mark or e.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise UsageError(f"{where}: YAML syntax error: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"{source}: YAML error: {e}") from None
+    except yaml.YAMLError as e:  # e.g. a reader error: a NUL byte, a control character
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        if isinstance(e, yaml.reader.ReaderError):
+            where = f"{source}:{text.count(chr(10), 0, e.position) + 1}"
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+        raise UsageError(f"{where}: YAML error: {' '.join(str(problem).split())}") from None
     if data is None:
         raise UsageError(f"{source}: empty inventory: expected a mapping with a 'hosts:' list")
     if not isinstance(data, dict):
@@ -421,6 +444,34 @@ def resolve_inventory(path: str | os.PathLike[str] | None = None) -> Inventory:
     """The inventory to use: ``path``, else ``$FARM_INVENTORY``, else the built-in default."""
     path = path or os.environ.get("FARM_INVENTORY")
     return load_inventory(path) if path else default_inventory()
+
+
+def _check_shape(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH or expanding (through aliases) to more than
+    MAX_NODES nodes, from the parser's events (no recursion, nothing built): an alias bomb or
+    a nesting thousands deep is a one-line error at once, not minutes or a RecursionError."""
+    sizes: dict[str, int] = {}  # anchor -> nodes of its value, aliases expanded
+    open_: list[tuple[str | None, int]] = []  # (anchor, nodes before it) of the collections open
+    nodes = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            nodes += sizes.get(event.anchor, 1)  # an unknown anchor: the composer says so
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            open_.append((event.anchor, nodes))
+            nodes += 1
+            if len(open_) > MAX_DEPTH:
+                raise UsageError(f"{source}:{event.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent) and open_:
+            anchor, before = open_.pop()
+            if anchor:
+                sizes[anchor] = nodes - before
+        if nodes > MAX_NODES:
+            raise UsageError(f"{source}:{event.start_mark.line + 1}: more than {MAX_NODES} values once its aliases "
+                             "are expanded (an alias bomb?)")
 
 
 def _check_duplicate_keys(node: yaml.Node | None, source: str) -> None:
@@ -496,8 +547,11 @@ def _problem(error: dict[str, Any], cause: Exception | None) -> str:
         return f"expected a mapping, not a {_kind(error['input'])}"
     if kind == "list_type":
         return f"expected a list, not a {_kind(error['input'])}"
+    if kind == "int_type":
+        return f"expected an integer, not a {_kind(error['input'])}"
     return error["msg"]
 
 
 def _kind(value: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", type(None): "null"}.get(type(value), type(value).__name__)
+    return {dict: "mapping", list: "list", str: "string", type(None): "null", bool: "boolean"}.get(
+        type(value), type(value).__name__)

@@ -30,7 +30,7 @@ from typing import NamedTuple
 from farm import __version__
 from farm.caps import dump
 from farm.caps.arch import Architecture
-from farm.caps.inspect import Inspection, Verdict, inspect
+from farm.caps.inspect import Inspection, Verdict, inspect, unreadable
 from farm.caps.names import DumpName, column
 from farm.caps.version import QemuVersion
 from farm.errors import OperationalError
@@ -400,9 +400,13 @@ class Assessment:
 
 
 def assess(job: Job, text: str) -> Assessment:
-    """Parse and inspect a job's dump (pure: runs in a judging process as well)."""
-    d = dump.parse(text, str(job.name))
-    inspection = inspect(d, job.name)
+    """Parse and inspect a job's dump (pure: runs in a judging process as well). A dump no
+    check foresaw is judged invalid with the reason: never an exception, never a job left running."""
+    try:
+        d = dump.parse(text, str(job.name))
+        inspection = inspect(d, job.name)
+    except Exception as e:  # noqa: BLE001 - the dump comes from a host: anything it does is its verdict
+        return Assessment(job.name, unreadable(str(job.name), job.name, f"cannot be judged: {type(e).__name__}: {e}"))
     version = inspection.facts.qemu_version
     if version is not None and not job.wants(version):
         name = DumpName(version.release_names()[0], job.name.arch, job.name.variant)

@@ -202,8 +202,10 @@ def parse_tags(ls_remote: str) -> list[Tag]:
 
 
 def discover(url: str) -> Discovery:
-    tags = parse_tags(_git("ls-remote", "--tags", url))
-    head = _git("ls-remote", url, "HEAD").split("\t", 1)[0].strip() or None
+    if url.startswith("-"):
+        raise UsageError(f"FARM_QEMU_GIT_URL {url!r}: starts with '-'")
+    tags = parse_tags(_git("ls-remote", "--tags", "--", url))
+    head = _git("ls-remote", "--", url, "HEAD").split("\t", 1)[0].strip() or None
     return Discovery(url, tags, head)
 
 
@@ -226,7 +228,7 @@ def current_libvirt(hosts: list, resolve: Callable[[str, str], str | None]) -> l
 
 def _ls_remote_ref(url: str, ref: str) -> str | None:
     try:
-        out = _git("ls-remote", url, ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}")
+        out = _git("ls-remote", "--", url, ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}")
     except FarmError:
         return None
     lines = [line.split("\t") for line in out.splitlines() if "\t" in line]

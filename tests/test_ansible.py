@@ -93,6 +93,13 @@ def test_site_syntax_check():
 # --- the dynamic inventory -------------------------------------------------------------------
 
 
+def plain(value):
+    """Host variables with the unsafe marks (``{"__ansible_unsafe": s}``) taken off."""
+    if isinstance(value, dict):
+        return value["__ansible_unsafe"] if set(value) == {"__ansible_unsafe"} else {k: plain(v) for k, v in value.items()}
+    return [plain(v) for v in value] if isinstance(value, list) else value
+
+
 def test_ansible_inventory_list_and_host(env, tmp_path):
     keys = [keypair(tmp_path / f"hk{i}") for i in range(3)]
     inventory = tmp_path / "inventory.yaml"
@@ -116,7 +123,8 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
     assert out["tag_lab"]["hosts"] == ["big-x86", "p9"]
     assert out["coordinator"]["hosts"] == ["localhost"]
     assert set(out["all"]["children"]) >= {"agents", "coordinator", "arch_x86_64", "arch_s390x"}
-    hv = out["_meta"]["hostvars"]
+    assert out["_meta"]["hostvars"]["z-1"]["ansible_host"] == {"__ansible_unsafe": "z1.example.org"}
+    hv = plain(out["_meta"]["hostvars"])
     assert hv["localhost"]["ansible_connection"] == "local"
     z = hv["z-1"]
     assert (z["ansible_host"], z["ansible_port"], z["ansible_user"]) == ("z1.example.org", 2222, "prober")
@@ -128,7 +136,7 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
     assert hv["here"]["ansible_connection"] == "local" and "ansible_host" not in hv["here"]
 
     code, one, err = farm(env, "ansible-inventory", "--host", "z-1", "--inventory", str(inventory))
-    assert code == 0 and one == z, err
+    assert code == 0 and plain(one) == z, err
     code, _, err = farm(env, "ansible-inventory", "--host", "nope", "--inventory", str(inventory))
     assert code == 2 and "no host 'nope'" in err
 
@@ -164,6 +172,43 @@ def test_ansible_inventory_list_and_host(env, tmp_path):
         assert task in diff
     assert "requirepass " not in diff and "FARM_BROKER_URL=redis://:" not in diff
     assert not out_dir.exists(), "check mode wrote files"
+
+
+def test_inventory_strings_are_never_templated_by_ansible(tmp_path):
+    """Inventory values reach Ansible marked unsafe: real Ansible reads and prints a lookup
+    template as text and runs nothing. The control, the same variables without the marks (what
+    `farm ansible-inventory` used to print), does run the command: the check can fail."""
+    marker = tmp_path / "pwned"
+    template = "{{ lookup('pipe', 'touch %s') }}" % marker
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"hosts": [{
+        "name": "here", "transport": "local", "arch": "x86_64", "tags": [template],
+        "toolchain": {"libvirt": f"builddir:/srv/{template}", "cache_dir": template},
+    }]}))
+    env = ansible_env(inventory)
+    show = "msg={{ farm_tags[0] }}|{{ farm_toolchain_libvirt }}|{{ farm_cache_dir }}"
+
+    def debug(inventory_source: str) -> subprocess.CompletedProcess:
+        return subprocess.run([tool("ansible"), "here", "-i", inventory_source, "-m", "ansible.builtin.debug",
+                               "-a", show, "--playbook-dir", str(ANSIBLE)], cwd=ANSIBLE, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    done = debug("inventory/farm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = json.loads(done.stdout.split("=>", 1)[1])["msg"]
+    assert shown == f"{template}|builddir:/srv/{template}|{template}"
+    assert not marker.exists()
+
+    # the control: the same output with the unsafe marks taken off
+    code, listed, err = farm(env, "ansible-inventory", "--list")
+    assert code == 0, err
+    unmarked = tmp_path / "unmarked.json"
+    unmarked.write_text(json.dumps(plain(listed)))
+    script = tmp_path / "unmarked.sh"
+    script.write_text(f"#!/bin/sh\ncase $1 in --list) cat {unmarked};; *) echo {{}};; esac\n")
+    script.chmod(0o755)
+    assert debug(str(script)).returncode == 0
+    assert marker.exists()
 
 
 # --- a real run against an SSH host ----------------------------------------------------------

@@ -130,7 +130,7 @@ def test_bad_inventory(tmp_path, text, parts):
 def test_missing_file(tmp_path):
     with pytest.raises(UsageError, match="inv.yaml: no such inventory file"):
         load_inventory(tmp_path / "inv.yaml")
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(UsageError, match="is a directory, not a regular inventory file"):
         load_inventory(tmp_path)
 
 

@@ -117,9 +117,26 @@ def _code(item: str) -> str:
 # --- comparing -----------------------------------------------------------------
 
 
+class Malformed(ValueError):
+    """A dump whose replies are not shaped as QEMU answers (a list where QEMU sends objects, ...)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = path, message
+
+
 def diff(old: Dump, new: Dump) -> DumpDiff:
+    """The semantic diff; a reply of a shape QEMU never sends raises Malformed."""
+
+    def items(title: str, extract: Callable[[Dump], Items], dump: Dump) -> Items:
+        try:
+            return extract(dump)
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise Malformed(dump.path, f"{title}: a reply QEMU would not send ({type(e).__name__}: {e})") from None
+
     def run(table: dict[str, Callable[[Dump], Items]]) -> list[Change]:
-        changes = [_compare(title, extract(old), extract(new)) for title, extract in table.items()]
+        changes = [_compare(title, items(title, extract, old), items(title, extract, new))
+                   for title, extract in table.items()]
         return [c for c in changes if c.added or c.removed or c.changed]
 
     return DumpDiff(
@@ -172,9 +189,11 @@ def _attr(attrs: dict, key: str) -> str:
 
 
 def _version(dump: Dump) -> str:
-    qemu = _result(dump, "query-version") or {}
-    qemu = qemu.get("qemu", {})
-    return ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro")) if qemu else "unknown"
+    reply = _result(dump, "query-version")
+    qemu = reply.get("qemu") if isinstance(reply, dict) else None
+    if not isinstance(qemu, dict) or not qemu:
+        return "unknown"
+    return ".".join(str(v) if isinstance(v := qemu.get(k), int) else "?" for k in ("major", "minor", "micro"))
 
 
 def _result(dump: Dump, execute: str, session: int = 0):

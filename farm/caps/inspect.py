@@ -107,6 +107,11 @@ def inspect(dump: Dump, name: DumpName | None = None) -> Inspection:
     return Inspection(dump.path, name, dump.layout, facts, verdict, why, warnings)
 
 
+def unreadable(file: str, name: DumpName | None, reason: str) -> Inspection:
+    """The inspection of a file that could not be read as a dump (a FIFO, not UTF-8, too large)."""
+    return Inspection(file, name, None, Facts(), Verdict.invalid, [reason], [])
+
+
 def read_facts(dump: Dump) -> Facts:
     facts = Facts(sessions=len(dump.sessions))
     version = _result(dump, "query-version")
@@ -115,7 +120,8 @@ def read_facts(dump: Dump) -> Facts:
             facts.qemu_version = QemuVersion.from_reply(version["qemu"])
         except (KeyError, TypeError, ValueError):
             pass
-        facts.package = version.get("package")
+        package = version.get("package")
+        facts.package = package if isinstance(package, str) else None
     target = _result(dump, "query-target")
     if isinstance(target, dict):
         facts.target = target.get("arch")
@@ -125,7 +131,7 @@ def read_facts(dump: Dump) -> Facts:
             facts.arch = None
     facts.accelerator, facts.accelerators_present = _accelerator(dump)
     facts.host_cpu_expanded = any(
-        ex.arguments.get("model", {}).get("name") == "host" and "return" in ex.reply
+        isinstance(model := ex.arguments.get("model"), dict) and model.get("name") == "host" and "return" in ex.reply
         for ex in (dump.sessions[0] if dump.sessions else [])
         if ex.execute == "query-cpu-model-expansion"
     )
