@@ -321,10 +321,9 @@ def cmd_status(args) -> int:
     broker = _broker(args)
     live: dict[str, list[str]] = {}
     if broker:
-        from farm.dispatch.distributed import make_app
+        from farm.dispatch.distributed import make_app, workers
 
-        answers = make_app(broker).control.inspect(timeout=2).active_queues() or {}
-        live = {worker: sorted(q["name"] for q in queues) for worker, queues in answers.items()}
+        live = workers(make_app(broker))
     served = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
     running = ledger.running_jobs()
     hosts = []

@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if name == "broker_url" and value is not None:
-                shown[name] = _without_password(value.get_secret_value())
+                shown[name] = without_password(value.get_secret_value())
             elif isinstance(value, SecretStr):
                 shown[name] = "**********"
             else:
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         return shown
 
 
-def _without_password(url: str) -> str:
+def without_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url

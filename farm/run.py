@@ -73,7 +73,10 @@ def probe(
     if timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, not {timeout:g}")
     if broker:
+        from farm.dispatch import distributed
+
         settings().redelivery_after  # noqa: B018 - a bad FARM_VISIBILITY_TIMEOUT stops us before the run exists
+        distributed.check_broker(broker)  # as does a broker that does not answer
     mode = "distributed" if broker else "embedded"
     run = ledger.new_run(version, [a.value for a, _ in work], variant, str(inventory.source), mode, timeout, qemu_ref)
     jobs = [
@@ -108,7 +111,10 @@ def resume(
         raise UsageError(f"run {run} is still driven by process {driver.get('pid')} on {driver.get('node')}: "
                          f"wait for it, or stop it with farm runs cancel {run}")
     if record.mode == "distributed":
+        from farm.dispatch import distributed
+
         settings().redelivery_after  # noqa: B018 - checked before anything moves
+        distributed.check_broker(broker)
     timeout = record.timeout or PROBE_TIMEOUT
     jobs = []
     for j in record.jobs:

@@ -25,16 +25,29 @@ def free_port() -> int:
 
 
 class Redis:
-    def __init__(self, directory: Path):
+    """A redis-server; with ``password`` it asks for it (requirepass), with ``tls`` (a directory of
+    ca.pem, server.pem, server.key) it speaks only TLS (rediss://, the CA checked)."""
+
+    def __init__(self, directory: Path, password: str | None = None, tls: Path | None = None):
         self.directory = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password, self.tls = password, tls
+        auth = f":{password}@" if password else ""
+        if tls:
+            self.url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={tls / 'ca.pem'}"
+        else:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        args = ["--bind", "127.0.0.1", "--dir", str(self.directory), "--appendonly", "yes", "--save", "",
+                "--daemonize", "no"]
+        args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls / "server.pem"),
+                 "--tls-key-file", str(self.tls / "server.key"), "--tls-ca-cert-file", str(self.tls / "ca.pem"),
+                 "--tls-auth-clients", "no"] if self.tls else ["--port", str(self.port)]
+        args += ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+            ["redis-server", *args],
             stdout=open(self.directory / "redis.log", "a"), stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10
@@ -46,7 +59,17 @@ class Redis:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                s = raw
+                if self.tls:
+                    import ssl
+
+                    s = ssl.create_default_context(cafile=str(self.tls / "ca.pem")).wrap_socket(
+                        raw, server_hostname="127.0.0.1")
+                if self.password:
+                    s.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

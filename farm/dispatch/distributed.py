@@ -251,10 +251,39 @@ def _nightly(task) -> dict:
 # --- the coordinator side -------------------------------------------------------------
 
 
+def workers(app: Celery, timeout: float = 2.0) -> dict[str, list[str]]:
+    """The workers that answer now and the queues each serves; OperationalError (one line) when
+    the broker cannot be reached or refuses us (a wrong password, TLS that does not verify)."""
+    try:
+        answers = app.control.inspect(timeout=timeout).active_queues() or {}
+    except BROKER_ERRORS as e:
+        raise OperationalError(f"broker {_shown(app.conf.broker_url)}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'unreachable'}") from None
+    return {worker: sorted(q["name"] for q in queues) for worker, queues in answers.items()}
+
+
 def live_queues(app: Celery, timeout: float = 2.0) -> set[str]:
     """The queues served by workers that answer now."""
-    answers = app.control.inspect(timeout=timeout).active_queues() or {}
-    return {q["name"] for queues in answers.values() for q in queues}
+    return {q for queues in workers(app, timeout).values() for q in queues}
+
+
+def check_broker(broker: str) -> None:
+    """The broker answers (before a run is created): OperationalError (one line) otherwise."""
+    app = make_app(broker)
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+        app.backend.client.ping()
+    except BROKER_ERRORS as e:
+        raise OperationalError(f"broker {_shown(broker)}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'unreachable'}") from None
+
+
+def _shown(url: str) -> str:
+    """A broker URL without its password, for messages."""
+    from farm.config import without_password
+
+    return without_password(url)
 
 
 def dispatch(
