@@ -36,12 +36,10 @@ from farm.caps.version import QemuVersion
 from farm.errors import OperationalError
 from farm.hosts import Cancellation, Cancelled, HostConfigError, HostError, transport_for
 from farm.hosts.agent import Agent, AgentError
-from farm.ledger import JobRecord, Ledger
+from farm.ledger import RETRYABLE, JobRecord, Ledger
 
 PROBE_TIMEOUT = 600.0
 
-# infrastructure failures: worth retrying on another host of the same arch
-RETRYABLE = ("failed", "timeout")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from farm.errors import OperationalError, UsageError
@@ -87,7 +88,44 @@ CREATE INDEX IF NOT EXISTS publications_run ON publications(run);
 """
 
 # statuses a job ends in; 'pending' and 'running' are not final
-FINAL = ("ok", "fake", "invalid", "wrong-version", "failed", "timeout", "cancelled")
+class JobStatus(StrEnum):
+    """How a job stands: the one list of job statuses (a StrEnum: equal to its text in the ledger,
+    JSON and the wire). The sets below are derived from it, not spelled again elsewhere."""
+
+    pending = "pending"
+    running = "running"
+    ok = "ok"  # a real dump (or a fake of an arch libvirt keeps fake)
+    fake = "fake"  # TCG only where libvirt expects real hardware
+    invalid = "invalid"  # the dump does not validate
+    wrong_version = "wrong-version"  # another QEMU release than asked for
+    failed = "failed"  # host, toolchain or probe failure: no dump
+    timeout = "timeout"  # the probe did not finish in time
+    cancelled = "cancelled"  # farm runs cancel
+
+    @property
+    def final(self) -> bool:
+        return self not in (JobStatus.pending, JobStatus.running)
+
+    @property
+    def retryable(self) -> bool:
+        """An infrastructure failure: worth another host of the arch."""
+        return self in (JobStatus.failed, JobStatus.timeout)
+
+    @property
+    def answer(self) -> bool:
+        """A final status that is the toolchain's answer, not an accident (a dump was judged)."""
+        return self in (JobStatus.ok, JobStatus.fake, JobStatus.invalid, JobStatus.wrong_version)
+
+    @property
+    def dumped(self) -> bool:
+        """A final status that comes with a dump judged real or fake."""
+        return self in (JobStatus.ok, JobStatus.fake)
+
+
+FINAL = tuple(s.value for s in JobStatus if s.final)
+RETRYABLE = tuple(s.value for s in JobStatus if s.retryable)
+ANSWERS = tuple(s.value for s in JobStatus if s.answer)
+DUMPED = tuple(s.value for s in JobStatus if s.dumped)
 
 
 _ARTIFACT_NAME = re.compile(r"caps_[0-9]+\.[0-9]+\.[0-9]+[._][a-z0-9_]+(\+[a-z]+)?\.replies")  # as libvirt names dumps

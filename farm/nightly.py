@@ -61,12 +61,12 @@ from pathlib import Path
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
 from farm.jobs import Job, qemu_origin
-from farm.ledger import Ledger
+from farm.ledger import ANSWERS, Ledger
 from farm.caps.names import column
 
 _TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-9]+))?")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
-TRIED = ("ok", "fake", "invalid", "wrong-version")  # final statuses that are an answer, not an accident
+TRIED = ANSWERS  # final statuses that are an answer, not an accident
 GIT_TIMEOUT = 300
 HEAD = "HEAD"  # the development head's name among the candidates
 

@@ -17,13 +17,13 @@ import json
 import logging
 import time
 import zlib
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from farm.hosts import inflate
 from farm.jobs import RETRYABLE, Attempt, Job, Judges, Outcome, assess, judge
-from farm.ledger import FINAL, JobRecord
+from farm.ledger import FINAL, JobRecord, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,13 @@ MAX_SEALED = 24 << 20  # characters of a sealed result (the dump travels compres
 MAX_PROVENANCE = 1 << 20  # characters of a result's provenance as JSON
 Line = Annotated[str, StringConstraints(max_length=4096)]
 HostName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
-Status = Literal["ok", "fake", "invalid", "wrong-version", "failed", "timeout", "cancelled"]
 
 
 class WireAttempt(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: HostName
-    status: Status
+    status: JobStatus
     reason: Line
     misconfigured: bool = False
 
@@ -49,7 +48,7 @@ class WireResult(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job: Annotated[str, StringConstraints(max_length=200)]
-    status: Status
+    status: JobStatus
     host: HostName | None = None
     reasons: list[Line] = Field(default_factory=list, max_length=64)
     log: list[Line] = Field(default_factory=list, max_length=5000)
@@ -109,19 +108,22 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
             raise ValueError(f"its provenance is larger than {MAX_PROVENANCE >> 10} KiB")
     except (ValueError, ValidationError, RecursionError) as e:
         raise Rejected(f"malformed: {(str(e) or type(e).__name__).splitlines()[0]}") from None
+    if not result.status.final or any(not a.status.final for a in result.attempts):
+        raise Rejected(f"a result cannot be {result.status}")
     if result.job != job.id:
         raise Rejected(f"it is the result of job {result.job!r}, not of {job.id}")
     for host in [result.host, *(a.host for a in result.attempts)]:
         if host is not None and host not in allowed:
             raise Rejected(f"host {host!r} was not allowed to run it (allowed: {', '.join(sorted(allowed))})")
-    record = JobRecord(job.id, job.run, job.arch, job.variant, result.host, status=result.status,
+    record = JobRecord(job.id, job.run, job.arch, job.variant, result.host, status=result.status.value,
                        reasons=list(result.reasons), started=result.started, finished=result.finished or time.time(),
                        provenance=result.provenance if isinstance(result.provenance, dict) else {},
                        log=list(result.log))
-    outcome = Outcome(record, attempts=[Attempt(a.host, a.status, a.reason, a.misconfigured) for a in result.attempts])
+    outcome = Outcome(record, attempts=[Attempt(a.host, a.status.value, a.reason, a.misconfigured)
+                                        for a in result.attempts])
     if result.dump is None:
         if result.status not in (*RETRYABLE, "cancelled"):
-            raise Rejected(f"it says {result.status} but brings no dump")
+            raise Rejected(f"it says {result.status.value} but brings no dump")
         return outcome
     try:
         outcome.dump = inflate(result.dump)

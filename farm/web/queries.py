@@ -10,9 +10,8 @@ import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from farm.ledger import FINAL, HostHealth, Ledger, RunRecord, run_status
+from farm.ledger import DUMPED, FINAL, HostHealth, Ledger, RunRecord, run_status
 
-DUMPED = ("ok", "fake")  # final statuses that come with a dump judged real or fake
 
 
 @dataclass
