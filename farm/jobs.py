@@ -302,32 +302,32 @@ def run_job(job: Job, host, progress: Callable[[str], None] | None = None, judge
         finally:
             if host_done:
                 host_done()
-        if reply.get("facts"):
-            provenance["host"]["facts"] = reply["facts"]
-            check_host(host, reply["facts"])
-        if "probe" not in reply:
-            raise AgentError(f"host {host.name!r}: agent job: {reply.get('error')}")
-        libvirt, qemu, probe = reply["libvirt"], reply["qemu"], reply["probe"]
-        provenance["libvirt"] = {k: libvirt.get(k) for k in ("source", "libvirt_version", "commit", "probe", "cached")}
+        facts = reply.facts.model_dump() if reply.facts else {}
+        if reply.facts:
+            provenance["host"]["facts"] = facts
+            check_host(host, facts)
+        libvirt, qemu, probe = reply.libvirt, reply.qemu, reply.probe
+        if libvirt is None or qemu is None or probe is None:
+            raise AgentError(f"host {host.name!r}: agent job: {reply.error}")
+        provenance["libvirt"] = libvirt.model_dump(include={"source", "libvirt_version", "commit", "probe", "cached"})
         provenance["qemu"] = {
-            "path": qemu.get("path") or qemu.get("binary"),
-            "version": qemu.get("version"),
-            "version_line": qemu.get("version_line"),
-            "commit": qemu.get("commit"),  # built from git: the commit
+            "path": qemu.path or qemu.binary,
+            "version": qemu.version,
+            "version_line": qemu.version_line,
+            "commit": qemu.commit,  # built from git: the commit
             "origin": qemu_origin(host, job),
         }
-        provenance["probe"] = {k: probe.get(k) for k in ("sha256", "size", "seconds", "exit_status", "timed_out")}
-        tail = probe.get("stderr_tail") or []
-        tail = tail.splitlines() if isinstance(tail, str) else list(tail)
+        provenance["probe"] = probe.model_dump(include={"sha256", "size", "seconds", "exit_status", "timed_out"})
+        tail = probe.tail
         record.log += [f"qemucapsprobe: {line}" for line in tail]
-        if probe.get("timed_out"):
+        if probe.timed_out:
             raise _Ended("timeout", f"qemucapsprobe did not finish within {job.probe_timeout:.0f} s (killed)")
-        if not probe.get("ok"):
-            raise _Ended("failed", f"qemucapsprobe failed (exit {probe.get('exit_status')}): " + " | ".join(tail[-3:]))
-        outcome.dump = reply.get("dump")
+        if not probe.ok:
+            raise _Ended("failed", f"qemucapsprobe failed (exit {probe.exit_status}): " + " | ".join(tail[-3:]))
+        outcome.dump = reply.dump
         if outcome.dump is None:
             raise _Ended("failed", "the agent's reply has no dump")
-        outcome.name = str(judge(job, record, (judges or assess)(job, outcome.dump), reply["facts"], provenance))
+        outcome.name = str(judge(job, record, (judges or assess)(job, outcome.dump), facts, provenance))
     except _Ended as e:
         record.status, record.reasons = e.status, e.reasons + record.reasons
     except Cancelled as e:

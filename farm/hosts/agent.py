@@ -13,7 +13,10 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from farm.hosts import Cancellation, HostConfigError, HostError, Transport, inflate
+from farm.hosts.replies import JobReply
 from farm.hosts.server import AgentServer
 
 AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
@@ -236,9 +239,11 @@ class Agent:
             raise HostError(f"{what}: no answer within {timeout:.0f} s")
         try:
             reply = json.loads(done.stdout)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             tail = done.stderr.strip().splitlines()[-3:]
             raise HostError(f"{what}: exit {done.returncode}, no JSON reply: {' | '.join(tail) or 'no output'}") from None
+        if not isinstance(reply, dict):
+            raise HostError(f"{what}: exit {done.returncode}, its reply is not a JSON object")
         if check and (done.returncode != 0 or not reply.get("ok", True)):
             raise AgentError(f"{what}: {reply.get('error') or f'exit {done.returncode}'}")
         return reply
@@ -318,8 +323,9 @@ class Agent:
         return source
 
     def job(self, libvirt: str, target: str, timeout: float, qemu_binary: str | None = None,
-            qemu_source: str | None = None, expect_arch: str | None = None) -> dict:
-        """facts + toolchains + probe in one agent run. The reply says how far it got:
+            qemu_source: str | None = None, expect_arch: str | None = None) -> JobReply:
+        """facts + toolchains + probe in one agent run, parsed (a reply that does not parse is a
+        HostError). The reply says how far it got:
         ``facts`` (always, unless the agent failed early), ``libvirt``, ``qemu``, ``probe``, and
         ``dump``: the text the probe wrote (it travels in the reply, compressed).
 
@@ -339,9 +345,14 @@ class Agent:
             reply["libvirt"]["source"] = asked  # as the inventory says it (provenance, nightly's plan)
         if isinstance(reply.get("error"), str):
             reply["error"] = self._one_line(reply["error"])
-        if reply.get("dump") is not None:
+        if isinstance(reply.get("dump"), str):
             try:
                 reply["dump"] = inflate(reply["dump"])
             except ValueError as e:
                 raise HostError(f"host {self.host.name!r}: agent job: the dump in its reply is damaged: {e}") from None
-        return reply
+        try:
+            return JobReply.model_validate(reply)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise HostError(f"host {self.host.name!r}: agent job: malformed reply: {where}: {first['msg']}") from None

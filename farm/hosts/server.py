@@ -24,6 +24,7 @@ from farm.hosts import Cancellation, Completed, HostError, tell as _tell
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # seconds for the server's greeting
+MAX_LINE = 96 << 20  # bytes of one message (a reply with a dump is ~150 KB compressed, base64)
 
 
 @dataclass
@@ -81,13 +82,15 @@ class AgentServer:
                 begin, end = end + 1, buffer.find(b"\n", end + 1)
                 try:
                     message = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     message = None
                 if isinstance(message, dict):
                     yield message
                 elif line.strip():
                     self._said.append(line.decode(errors="replace").strip())
             del buffer[:begin]
+            if len(buffer) > MAX_LINE:
+                raise EOFError(f"a line of more than {MAX_LINE >> 20} MiB from the agent server")
             if not chunk:
                 return
 
