@@ -313,8 +313,13 @@ def test_a_host_of_another_arch_than_the_inventory_says_is_refused(ssh_hosts, en
 def test_shell_metacharacters_in_the_inventory_are_never_executed(ssh_hosts, env, tmp_path):
     a, b = ssh_hosts.create(2)
     pwned = f"/tmp/farm-pwned-{uuid.uuid4().hex[:8]}"
+    # an agent_python that is shell text is refused by the inventory itself
+    refused = ssh_hosts.inventory(tmp_path / "refused.yaml", [a.entry(agent_python=f"python3; touch {pwned}")])
+    code, _, err = farm(env, "hosts", "check", "--inventory", str(refused))
+    assert code == 2 and "field 'agent_python': bad program 'python3; touch" in err, err
     inventory = ssh_hosts.inventory(tmp_path / "inventory.yaml", [
-        a.entry(agent_python=f"python3; touch {pwned}", toolchain={"cache_dir": ssh_hosts.cache_dir()}),
+        a.entry(agent_python="/nonexistent/python3",
+                toolchain={"cache_dir": ssh_hosts.cache_dir()}),
         b.entry(toolchain={"cache_dir": f"/nonexistent/$(touch {pwned})`touch {pwned}`; touch {pwned}"}),
     ])
     code, out, err = farm(env, "probe", "--qemu", "7.2.0", "--arch", native_arch(),
@@ -324,7 +329,7 @@ def test_shell_metacharacters_in_the_inventory_are_never_executed(ssh_hosts, env
     assert code == 1 and job["status"] == "failed" and job["artifact"] is None
     assert job["reasons"][0] == f"all 2 hosts of {native_arch()} failed"
     first, second = job["reasons"][1:]
-    assert first.startswith(f"{a.name}: host '{a.name}': cannot run the agent's Python 'python3; touch {pwned}'")
+    assert first.startswith(f"{a.name}: host '{a.name}': cannot run the agent's Python '/nonexistent/python3'")
     assert second.startswith(f"{b.name}: host '{b.name}': cache dir '/nonexistent/$(touch {pwned})")
     assert "cannot create it: Permission denied" in second
     assert not os.path.exists(pwned)
