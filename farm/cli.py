@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The farm command line: parse, call the library, render (text or --json).
 
 Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
@@ -25,6 +26,7 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    _complete(parser)
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # a dump's lone surrogate is printed escaped, not a traceback
         if hasattr(stream, "reconfigure"):
@@ -46,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         return OK
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Bash completion (argcomplete): when bash asks (``_ARGCOMPLETE`` set, by
+    ``eval "$(register-python-argcomplete farm)"``), print the completions and exit; else nothing."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    import argcomplete
+
+    argcomplete.autocomplete(parser, always_complete_options=False)  # options after a "-"
 
 
 def _terminated(signum, frame) -> None:
