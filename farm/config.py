@@ -69,6 +69,8 @@ class ConfigFile(TomlConfigSettingsSource):
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not TOML: {str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise UsageError(f"{path}: not TOML farm reads: nested too deeply") from None
         for key in data:
             if key not in Settings.model_fields:
                 hint = f" (keys are in lower case: {key.lower()})" if key.lower() in Settings.model_fields else ""
