@@ -306,7 +306,9 @@ class Loaded:
             first = e.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else "?"
             where = origin(name, self.options, read)
-            got = f"(got {str(first.get('input'))[:80]!r})"
+            secret = Settings.model_fields[name].annotation in (SecretStr, SecretStr | None) \
+                if name in Settings.model_fields else True
+            got = "(the value is not shown: a secret)" if secret else f"(got {str(first.get('input'))[:80]!r})"
             if where.startswith("file "):
                 raise UsageError(f"{where[5:]}: {name}: {first['msg']} {got}") from None
             label = where.split(" ", 1)[1] if " " in where else f"FARM_{name.upper()}"

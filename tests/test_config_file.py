@@ -163,6 +163,12 @@ def test_every_command_reads_the_file_a_worker_too(tmp_path):
         assert (code, err.startswith(f"farm: {cfg}: job_time_limit: ")) == (2, True), (args, err)
 
 
+def test_a_secret_of_the_wrong_type_is_refused_without_being_shown(tmp_path):
+    cfg = write(tmp_path / "farm.toml", "gitlab_token = 123456789\n")
+    code, _, err = farm(clean_env(tmp_path, FARM_CONFIG=str(cfg)), "config", "show")
+    assert code == 2 and err.startswith(f"farm: {cfg}: gitlab_token: ") and "123456789" not in err, err
+
+
 def test_a_wrong_environment_value_still_names_its_variable(tmp_path):
     code, _, err = farm(clean_env(tmp_path, FARM_MAX_RETRIES="many"), "runs", "list")
     assert code == 2 and err.startswith("farm: FARM_MAX_RETRIES: "), err
