@@ -134,6 +134,7 @@ def probed(tmp_path_factory):
     ("replies validate", ["{broken}"]),
     ("replies inspect", ["{dump}"]),
     ("hosts list", ["--inventory", "{inventory}"]),
+    ("config show", []),
     ("probe", ["--qemu", QEMU, "--arch", "x86_64", "--inventory", "{inventory}", "--quiet"]),
 ])
 def test_the_json_keys_the_readme_documents_are_in_the_real_output(probed, command, args):
