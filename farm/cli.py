@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The farm command line: parse, call the library, render (text or --json).
 
 Exit codes: 0 ok, 1 findings (an invalid dump, a fake where libvirt expects
@@ -25,6 +26,7 @@ INTERRUPTED = 130
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    _complete(parser)
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):  # a dump's lone surrogate is printed escaped, not a traceback
         if hasattr(stream, "reconfigure"):
@@ -46,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         return OK
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Bash completion (argcomplete): when bash asks (``_ARGCOMPLETE`` set, by
+    ``eval "$(register-python-argcomplete farm)"``), print the completions and exit; else nothing."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    import argcomplete
+
+    argcomplete.autocomplete(parser, always_complete_options=False)  # options after a "-"
 
 
 def _terminated(signum, frame) -> None:
@@ -571,6 +583,26 @@ def cmd_nightly(args) -> int:
             print(f"farm: nightly: {e}", file=sys.stderr, flush=True)
 
 
+def cmd_config_show(args) -> int:
+    from farm.config import Loaded
+
+    loaded = Loaded({"broker_url": args.broker, "inventory": args.inventory, "libvirt_checkout": args.libvirt})
+    values, origins = loaded.settings.public(), loaded.origins()
+    if args.json:
+        _print_json({"files": [str(f.path) for f in loaded.files],
+                     "settings": {name: {"value": values[name], "source": origins[name]} for name in values}})
+        return OK
+    from rich.table import Table
+
+    table = Table(title="settings (" + (", ".join(str(f.path) for f in loaded.files) or "no config file") + ")")
+    for column in ("setting", "value", "from"):
+        table.add_column(column)
+    for name, value in values.items():
+        table.add_row(name, "" if value is None else value, origins[name])
+    _console().print(table)
+    return OK
+
+
 def _ledger():
     from farm.config import settings
     from farm.ledger import Ledger
@@ -913,6 +945,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--publish", action="store_true", help="publish each run's dumps (as farm publish)")
     p.add_argument("--broker", metavar="URL", help="run on Celery workers (default: $FARM_BROKER_URL; unset: embedded)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    csub = group("config", "farm's settings: the config file, FARM_* variables, options")
+    p = command(csub, "show", cmd_config_show, "every setting, its value and where it came from (default, "
+                "file PATH, env FARM_X, option), secrets masked")
+    p.add_argument("--broker", metavar="URL", help="as a command given --broker would (above $FARM_BROKER_URL)")
+    p.add_argument("--inventory", metavar="FILE", help="as a command given --inventory would")
+    p.add_argument("--libvirt", metavar="PATH", help="as a command given --libvirt would")
 
     rsub = group("runs", "the ledger of runs and their jobs")
     p = command(rsub, "list", cmd_runs_list, "recent runs")

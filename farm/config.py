@@ -1,22 +1,85 @@
-"""Settings from ``FARM_*`` environment variables (the inventory says which hosts; this says the rest)."""
+"""Settings (the inventory says which hosts; this says the rest), from, highest first: command-line
+options, ``FARM_*`` environment variables, the config file, the defaults.
+
+The config file is TOML, its keys the settings' names in lower case (``cache_dir = "/var/cache/farm"``):
+the file ``$FARM_CONFIG`` names, else ``$XDG_CONFIG_HOME/farm/farm.toml`` (default
+``~/.config/farm/farm.toml``) above ``/etc/farm/farm.toml``, each when it exists. A config file that
+is not a regular file, too large, not TOML, with a key that is no setting or a value of the wrong
+type is a one-line UsageError naming the file and the key.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 import secrets
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from farm.caps import textfile
 from farm.errors import OperationalError, UsageError
+
+CONFIG_VARIABLE = "FARM_CONFIG"
+SYSTEM_CONFIG = Path("/etc/farm/farm.toml")
+CONFIG_LIMIT = 1 << 20  # bytes: a config file is a few lines
+# The command-line options that set a setting (above the environment), by setting.
+OPTIONS = {"broker_url": "--broker", "inventory": "--inventory", "libvirt_checkout": "--libvirt"}
 
 
 def _xdg(variable: str, fallback: str) -> Path:
     return Path(os.environ.get(variable) or os.path.expanduser(fallback)) / "farm"
+
+
+def config_files() -> list[Path]:
+    """The config files read, highest first: ``$FARM_CONFIG`` alone when set (it must exist), else
+    the user's and the system's, those that exist (a dangling symlink counts: it is refused)."""
+    named = os.environ.get(CONFIG_VARIABLE)
+    if named:
+        path = Path(os.path.expanduser(named))
+        if not os.path.lexists(path):
+            raise UsageError(f"{path}: no such config file ({CONFIG_VARIABLE})")
+        return [path]
+    return [p for p in (user_config(), SYSTEM_CONFIG) if os.path.lexists(p)]
+
+
+def user_config() -> Path:
+    return _xdg("XDG_CONFIG_HOME", "~/.config") / "farm.toml"
+
+
+class ConfigFile(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source over one config file, read as a hostile file: a regular file of
+    at most CONFIG_LIMIT bytes, TOML, whose keys are all settings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        self.path = path
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_files(self, files: Any, deep_merge: bool = False) -> dict[str, Any]:
+        return self._read_file(self.path)
+
+    def _read_file(self, path: Any) -> dict[str, Any]:
+        text = textfile.read(path, CONFIG_LIMIT, "config file")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"{path}: not TOML: {str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise UsageError(f"{path}: not TOML farm reads: nested too deeply") from None
+        for key in data:
+            if key not in Settings.model_fields:
+                hint = f" (keys are in lower case: {key.lower()})" if key.lower() in Settings.model_fields else ""
+                raise UsageError(f"{path}: {key[:80]!r} is not a farm setting{hint}")
+        return data
+
+
+# The config files the settings being built were read from (for saying where each value came from).
+_read: contextvars.ContextVar[list[ConfigFile] | None] = contextvars.ContextVar("farm_config_read", default=None)
 
 
 def _secret(value: SecretStr | None, file: Path | None, what: str) -> str | None:
@@ -38,6 +101,22 @@ class Settings(BaseSettings):
     """farm's settings; each field ``x`` is read from the environment variable ``FARM_X``."""
 
     model_config = SettingsConfigDict(env_prefix="FARM_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Options (init arguments) above the environment above the config files."""
+        files = [ConfigFile(settings_cls, path) for path in config_files()]
+        read = _read.get()
+        if read is not None:
+            read.extend(files)
+        return (init_settings, env_settings, *files)
 
     state_dir: Path = Field(
         default_factory=lambda: _xdg("XDG_DATA_HOME", "~/.local/share"),
@@ -201,6 +280,47 @@ class Settings(BaseSettings):
         return shown
 
 
+def origin(name: str, options: dict[str, object], files: list[ConfigFile]) -> str:
+    """Where setting ``name`` comes from: ``option --X``, ``env FARM_X``, ``file PATH`` or ``default``."""
+    if options.get(name) is not None:
+        return f"option {OPTIONS.get(name, name)}"
+    variable = f"FARM_{name.upper()}"
+    if any(key.upper() == variable for key in os.environ):
+        return f"env {variable}"
+    for f in files:
+        if name in f.toml_data:
+            return f"file {f.path}"
+    return "default"
+
+
+class Loaded:
+    """Settings together with where each of them came from."""
+
+    def __init__(self, options: dict[str, object] | None = None):
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        read: list[ConfigFile] = []
+        token = _read.set(read)
+        try:
+            self.settings = Settings(**self.options)
+        except ValidationError as e:
+            first = e.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "?"
+            where = origin(name, self.options, read)
+            secret = Settings.model_fields[name].annotation in (SecretStr, SecretStr | None) \
+                if name in Settings.model_fields else True
+            got = "(the value is not shown: a secret)" if secret else f"(got {str(first.get('input'))[:80]!r})"
+            if where.startswith("file "):
+                raise UsageError(f"{where[5:]}: {name}: {first['msg']} {got}") from None
+            label = where.split(" ", 1)[1] if " " in where else f"FARM_{name.upper()}"
+            raise UsageError(f"{label}: {first['msg']} {got}") from None
+        finally:
+            _read.reset(token)
+        self.files = read
+
+    def origins(self) -> dict[str, str]:
+        return {name: origin(name, self.options, self.files) for name in Settings.model_fields}
+
+
 def without_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
@@ -213,10 +333,5 @@ def without_password(url: str) -> str:
 @functools.cache
 def settings() -> Settings:
     """The settings of this process, read once (``settings.cache_clear()`` re-reads them). A bad
-    value is a UsageError naming its variable."""
-    try:
-        return Settings()
-    except ValidationError as e:
-        first = e.errors()[0]
-        name = "FARM_" + "_".join(str(p) for p in first["loc"]).upper()
-        raise UsageError(f"{name}: {first['msg']} (got {str(first.get('input'))[:80]!r})") from None
+    value is a UsageError naming its variable, or its config file and key."""
+    return Loaded().settings

@@ -72,6 +72,14 @@ def host_queue(name: str) -> str:
     return f"host.{name}"
 
 
+def readable(job: Job, hosts: list[str]) -> dict[str, str]:
+    """What Celery's monitoring (events, Flower, ``celery inspect active``) shows of a job's task
+    instead of its raw arguments: ``farm.probe x86_64 9.2.0 run 3``, ``hosts=a,b``."""
+    ref = f" ref {job.qemu_ref}" if job.qemu_ref else ""
+    return {"argsrepr": f"{column(job.arch, job.variant)} {job.qemu}{ref} run {job.run}",
+            "kwargsrepr": f"hosts={','.join(hosts)}"}
+
+
 def make_app(broker: str) -> Celery:
     s = settings()
     app = Celery("farm", broker=broker, backend=broker, set_as_current=False)
@@ -95,6 +103,8 @@ def make_app(broker: str) -> Celery:
         result_backend_max_retries=100,
         worker_hijack_root_logger=False,
         task_default_queue="farm.default",
+        worker_send_task_events=True,  # Flower and `celery events` see the jobs (with readable())
+        task_send_sent_event=True,
     )
     try:  # a bad FARM_NIGHTLY_CRON stops `farm beat` (below), not `farm probe`
         app.conf.beat_schedule = {
@@ -191,12 +201,13 @@ def _probe(task, job_fields: dict, allowed: list[str], tried: list) -> dict:
     if job.id in _handed_back and outcome.record.status == "cancelled":
         _handed_back.discard(job.id)
         log.warning("%s: handed back to the queue (this worker is stopping)", job.id)
-        raise task.retry(args=[job_fields, allowed, tried], countdown=0)
+        raise task.retry(args=[job_fields, allowed, tried], countdown=0, **readable(job, allowed))
     tried_now = earlier + outcome.attempts
     others = set(allowed) - {a.host for a in tried_now}
     if outcome.record.status in RETRYABLE and outcome.attempts and len(tried_now) < attempts and others:
         say(f"{outcome.record.status}: handing the job to another host")
-        raise task.retry(args=[job_fields, allowed, [list(t) for t in tried_now]], countdown=1)
+        raise task.retry(args=[job_fields, allowed, [list(t) for t in tried_now]], countdown=1,
+                         **readable(job, allowed))
     return seal(outcome, settings().result_key())
 
 
@@ -319,7 +330,7 @@ def dispatch(
         if job.targeted:  # the host's own queue: the worker serving it takes the job
             queue = host_queue(served[0])
         sent[job.id] = Sent(job, served, app.send_task(TASK, args=[dataclasses.asdict(job), served, []], queue=queue,
-                                                       task_id=job.id))
+                                                       task_id=job.id, **readable(job, served)))
     return wait(app, sent, ledger, progress, cancels or {})
 
 
