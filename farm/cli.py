@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import farm
 from farm.errors import FarmError, UsageError
 
 OK, FINDINGS, USAGE, OPERATIONAL = 0, 1, 2, 3
@@ -808,6 +809,8 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
+    parser.add_argument("--version", action="version", version=f"farm {farm.version()}",
+                        help="print farm's version and exit")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def inventory_option(p) -> None:
