@@ -96,7 +96,10 @@ QEMU_OPTIONAL_FLAGS = [
     "--disable-install-blobs",
 ]
 QEMU_VENV_PACKAGES = ["meson==1.9.0", "pycotap==1.3.1"]
-QEMU_TARGET_ALIASES = {"ppc64le": "ppc64", "armv7l": "arm", "armv8l": "arm", "i686": "i386"}
+# uname -m and libvirt's arch names -> QEMU's target name; kept in step with farm/caps/arch.py
+# (tests/test_arch_aliases.py)
+QEMU_TARGET_ALIASES = {"ppc64le": "ppc64", "armv7l": "arm", "armv7": "arm", "armv8l": "arm", "arm64": "aarch64",
+                       "amd64": "x86_64", "i686": "i386"}
 
 
 class AgentError(Exception):

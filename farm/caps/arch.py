@@ -86,7 +86,9 @@ REAL_HARDWARE = frozenset(
 )
 
 _QEMU_TARGET = {Architecture.armv7l: "arm", Architecture.i686: "i386"}
-_UNAME = {"ppc64le": "ppc64", "arm64": "aarch64", "armv7": "armv7l", "amd64": "x86_64", "i386": "i686"}
+# uname -m -> libvirt's name; the agent's QEMU_TARGET_ALIASES agree (tests/test_arch_aliases.py)
+_UNAME = {"ppc64le": "ppc64", "arm64": "aarch64", "armv7": "armv7l", "armv8l": "armv7l", "amd64": "x86_64",
+          "i386": "i686"}
 
 
 def _order(arch: Architecture) -> int:
