@@ -1,9 +1,10 @@
 """One job: probe one QEMU release (or a git ref of QEMU, filed under a release) for one arch
 (and variant) on one host.
 
-``run_job`` is the only place a probe happens: the embedded dispatcher calls
-it from threads, a Celery worker calls the same function. It never ends in
-silent success: every job ends with a status and the reasons for it.
+``run_job`` is the only place a probe happens (one host); ``execute`` tries a
+job over hosts and calls it: the embedded dispatcher calls ``execute`` from
+threads, a Celery worker calls the same function. A job never ends in silent
+success: every job ends with a status and the reasons for it.
 
 Statuses: ``ok`` (a real dump, or a fake of an arch libvirt keeps fake),
 ``fake`` (TCG only where libvirt expects real hardware), ``invalid`` (the dump

@@ -3,7 +3,7 @@
 The coordinator (``farm probe`` with a broker) sends each job to the queue of
 its arch (``arch.x86_64``, ``arch.x86_64+amdsev``); ``farm worker --hosts ...``
 serves those queues (and ``host.NAME`` for targeted jobs) for its hosts and
-runs the same ``run_job`` as the embedded dispatcher. The Celery task id is the
+runs the same ``jobs.execute`` as the embedded dispatcher. The Celery task id is the
 job id, so a redelivered job has one result; the coordinator keeps results in
 the ledger (Redis carries work and liveness, SQLite remembers).
 
