@@ -228,8 +228,6 @@ def cmd_hosts_check(args) -> int:
     from farm.inventory import resolve_inventory
     from farm.jobs import check_host, host_warnings
 
-    from rich.markup import escape
-
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
     report = []
@@ -347,8 +345,6 @@ def cmd_status(args) -> int:
     table = Table(title=f"farm status ({status['mode']})")
     for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
         table.add_column(column, overflow="fold")
-    from rich.markup import escape
-
     for h in hosts:
         health = {"quarantined": Text("quarantined", "bold red"),
                   "failing": Text(f"{h['failures']} failure(s)", "yellow"),

@@ -58,11 +58,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from farm.caps.names import column
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
 from farm.jobs import Job, qemu_origin
 from farm.ledger import Ledger
-from farm.caps.names import column
 
 _TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-9]+))?")
 _HEX40 = re.compile(r"[0-9a-f]{40}")

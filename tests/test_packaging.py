@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import farm
-from tests.paths import CACHE
 from tests.helpers import REPO
+from tests.paths import CACHE
 from tests.standin import QEMU, standin_builddir
 from tests.test_faults import local_inventory
 

@@ -279,7 +279,7 @@ def _parse_slow(text: str, path: str) -> Dump:
         problems.append(Problem(line, f"command {_brief(command)} has no reply"))
 
     layout, mismatches = _closest_layout(objects)
-    for (line, chunk, obj), offset in zip(objects, mismatches):
+    for (line, chunk, obj), offset in zip(objects, mismatches, strict=False):
         if offset is not None:
             at, want, got = _difference_at(obj, chunk, layout, offset)
             problems.append(

@@ -31,9 +31,9 @@ from celery.worker.control import control_command
 from farm.caps.arch import Architecture
 from farm.caps.names import column
 from farm.config import settings
+from farm.dispatch.wire import open_sealed, seal
 from farm.errors import FarmError, OperationalError
 from farm.hosts import Cancellation
-from farm.dispatch.wire import open_sealed, seal
 from farm.jobs import RETRYABLE, Attempt, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
 

@@ -17,7 +17,6 @@ from farm.hosts import Cancellation, HostConfigError, HostError, Transport, infl
 from farm.hosts.server import AgentServer
 
 
-
 def _agent_file() -> Path:
     """The agent: inside the installed package (a wheel carries it as farm/_agent/farm_agent.py,
     see setup.py), else in the source tree (agents/farm_agent.py: a checkout or editable install)."""

@@ -35,7 +35,7 @@ from farm.caps import dump as dumps
 from farm.caps.diff import DumpDiff, diff
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, Scheme, column, detect_scheme, place
-from farm.errors import FarmError, OperationalError, UsageError
+from farm.errors import OperationalError, UsageError
 from farm.ledger import JobRecord, Ledger, PublicationRecord, RunRecord
 from farm.publish import message as messages
 from farm.publish import mr as merge_requests
