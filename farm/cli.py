@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import farm
 from farm.errors import FarmError, UsageError
@@ -75,7 +76,7 @@ def cmd_validate(args) -> int:
     else:
         for d in results:
             if d.valid:
-                print(f"{d.path}: OK ({d.layout.value} layout)")
+                print(f"{d.path}: OK ({d.layout.value if d.layout else '?'} layout)")
             else:
                 print("\n".join(d.errors()))
     return OK if all(d.valid for d in results) else FINDINGS
@@ -136,16 +137,16 @@ def cmd_diff(args) -> int:
             print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
             return FINDINGS
     try:
-        d = diff(old, new)
+        changes = diff(old, new)
     except Malformed as e:
         print(f"farm: {e.path}: not a dump to compare: {e.message}", file=sys.stderr)
         return FINDINGS
     if args.json:
-        _print_json(d.to_json())
+        _print_json(changes.to_json())
     elif args.markdown:
-        print(d.to_markdown())
+        print(changes.to_markdown())
     else:
-        print(d.to_text())
+        print(changes.to_text())
     return OK
 
 
@@ -169,7 +170,7 @@ def cmd_coverage(args) -> int:
     for column in cov.columns:
         table.add_column(column)
     for version in reversed(cov.versions):
-        row = [str(version)]
+        row: list[str | Text] = [str(version)]
         for column in cov.columns:
             cell = cov.cell(version, column)
             if cell is None:
@@ -233,7 +234,7 @@ def cmd_hosts_check(args) -> int:
     report = []
     ledger = _ledger()
     for host in hosts:
-        entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
+        entry: dict[str, Any] = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
             agent = Agent(transport_for(host), host)
             facts = agent.facts()
@@ -242,10 +243,10 @@ def cmd_hosts_check(args) -> int:
             entry["warnings"] = host_warnings(facts)
             check_host(host, facts)
             ledger.host_seen(host.name)
-        except HostError as e:  # reached but misconfigured, or not reached (an outage)
-            config = isinstance(e, HostConfigError)
-            entry.update(ok=False, error=str(e), error_kind="config" if config else "unreachable")
-            ledger.host_failed(host.name, str(e), config=config)
+        except HostError as err:  # reached but misconfigured, or not reached (an outage)
+            config = isinstance(err, HostConfigError)
+            entry.update(ok=False, error=str(err), error_kind="config" if config else "unreachable")
+            ledger.host_failed(host.name, str(err), config=config)
         entry["health"] = ledger.host(host.name).to_json()
         report.append(entry)
     if args.json:
@@ -324,15 +325,15 @@ def cmd_status(args) -> int:
 
         answers = make_app(broker).control.inspect(timeout=2).active_queues() or {}
         live = {worker: sorted(q["name"] for q in queues) for worker, queues in answers.items()}
-    served = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
+    served_hosts = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
     running = ledger.running_jobs()
     hosts = []
-    for h in inventory.hosts:
-        health = ledger.host(h.name).to_json()
+    for host in inventory.hosts:
+        health = ledger.host(host.name).to_json()
         hosts.append({
-            "name": h.name, "arch": h.arch.value, "transport": h.transport, **health,
-            "served": (h.name in served) if broker else None,
-            "running": [j.id for j in running if j.host == h.name],
+            "name": host.name, "arch": host.arch.value, "transport": host.transport, **health,
+            "served": (host.name in served_hosts) if broker else None,
+            "running": [j.id for j in running if j.host == host.name],
         })
     status = {"mode": "distributed" if broker else "embedded", "hosts": hosts, "workers": live,
               "running": [_job_json(j) | {"id": j.id} for j in running]}

@@ -260,8 +260,8 @@ def _place(job: JobRecord, artifact: Path, tree: Path, inspection: Inspection | 
         return Placed(job.id, arch, version, artifact, target, action, text, change, target.name, provenance,
                       inspection)
     previous = _previous(data, name)
-    change = diff(dumps.load(previous), rendered) if previous else None
-    return Placed(job.id, arch, version, artifact, target, "Add", text, change,
+    against = diff(dumps.load(previous), rendered) if previous else None
+    return Placed(job.id, arch, version, artifact, target, "Add", text, against,
                   previous.name if previous else None, provenance, inspection)
 
 
