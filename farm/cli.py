@@ -482,6 +482,9 @@ def cmd_runs_cancel(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    import functools
+
+    from farm import nightly
     from farm.dispatch.distributed import make_app, serve
     from farm.inventory import resolve_inventory
     from farm.logs import log_uncaught_exceptions
@@ -495,7 +498,8 @@ def cmd_worker(args) -> int:
     hosts = [inventory.host(name.strip()) for name in (args.hosts or "").split(",") if name.strip()]
     if not hosts and not args.coordinator:
         raise UsageError("--hosts: name at least one host of the inventory (or serve --coordinator only)")
-    serve(make_app(broker), hosts, args.loglevel, inventory, args.coordinator)
+    nightly_pass = functools.partial(nightly.scheduled_pass, inventory) if args.coordinator else None
+    serve(make_app(broker), hosts, args.loglevel, nightly_pass)
     return OK
 
 

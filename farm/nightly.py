@@ -383,6 +383,20 @@ def _exclusive(state_dir: Path):
         yield
 
 
+def scheduled_pass(inventory, broker: str, say: Callable[[str], None]) -> dict:
+    """The pass `farm beat` asks the coordinator worker for: ``run_pass`` (which holds the nightly
+    lock) with the FARM_* settings and this machine's ledger, its jobs sent through ``broker``,
+    publishing with FARM_NIGHTLY_PUBLISH into FARM_LIBVIRT_CHECKOUT; its JSON summary."""
+    from farm.config import settings
+    from farm.publish import publisher
+
+    s = settings()
+    result = run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
+                      publish=s.nightly_publish, broker=broker, say=say,
+                      publish_options=lambda: publisher.options_from_settings(s, s.libvirt_checkout))
+    return result.to_json()
+
+
 def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_run: bool = False,
              publish: bool = False, broker: str | None = None, say: Callable[[str], None] | None = None,
              publish_options: Callable[[], object] | None = None) -> Pass:

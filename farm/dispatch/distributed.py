@@ -61,7 +61,11 @@ _handed_back: set[str] = set()
 _served: dict[str, object] = {}
 _slots = HostSlots([])
 _judges: list = [None]  # Judges for the slots, set when the worker starts
-_inventory: list = [None]  # the worker's inventory (the nightly task plans over it)
+# One nightly pass, given the broker and where to say what it does: farm.nightly.scheduled_pass
+# over the worker's inventory, handed in by `farm worker --coordinator` (this module never
+# imports farm.nightly, which plans and probes through farm.run, which dispatches through here)
+NightlyPass = Callable[[str, Callable[[str], None]], dict]
+_nightly_pass: list[NightlyPass | None] = [None]
 
 
 def arch_queue(arch: str, variant: str | None = None) -> str:
@@ -135,15 +139,16 @@ def beat(app: Celery, loglevel: str = "INFO") -> None:
 # --- the worker side ----------------------------------------------------------------
 
 
-def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coordinator: bool = False) -> None:
-    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot; with ``coordinator``
-    one more, serving ``farm.coordinator`` (the nightly task, over ``inventory``)."""
+def serve(app: Celery, hosts: list, loglevel: str = "INFO", nightly_pass: NightlyPass | None = None) -> None:
+    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot; with ``nightly_pass``
+    one more, serving ``farm.coordinator`` (the nightly task, which runs ``nightly_pass``)."""
+    coordinator = nightly_pass is not None
     for host in hosts:
         _served[host.name] = host
     _slots.add(hosts)
     _slots.leases = settings().state_dir / "slots"  # shared with the other farm processes of this machine
     _judges[0] = Judges.for_slots(_slots.size)
-    _inventory[0] = inventory
+    _nightly_pass[0] = nightly_pass
     queues = {COORDINATOR_QUEUE} if coordinator else set()
     for host in hosts:
         queues.add(arch_queue(host.arch.value))
@@ -230,22 +235,13 @@ def _hand_back(grace: float) -> None:
 
 
 def _nightly(task) -> dict:
-    """The Celery task: one nightly pass (farm.nightly.run_pass, which holds the nightly lock) over
-    the worker's inventory, its jobs sent to the workers through this broker, publishing with
-    FARM_NIGHTLY_PUBLISH into FARM_LIBVIRT_CHECKOUT; its JSON summary."""
+    """The Celery task: one nightly pass (the worker's ``nightly_pass``), its jobs sent to the
+    workers through this broker; its JSON summary."""
     from celery.utils.log import get_task_logger
 
-    from farm import nightly
-    from farm.inventory import resolve_inventory
-    from farm.publish import publisher
-
-    s = settings()
-    log = get_task_logger(NIGHTLY)
-    inventory = _inventory[0] if _inventory[0] is not None else resolve_inventory(None)
-    result = nightly.run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
-                              publish=s.nightly_publish, broker=task.app.conf.broker_url, say=log.info,
-                              publish_options=lambda: publisher.options_from_settings(s, s.libvirt_checkout))
-    return result.to_json()
+    if _nightly_pass[0] is None:  # only a worker serving farm.coordinator receives it
+        raise FarmError("this worker runs no nightly passes (farm worker --coordinator does)")
+    return _nightly_pass[0](task.app.conf.broker_url, get_task_logger(NIGHTLY).info)
 
 
 # --- the coordinator side -------------------------------------------------------------
