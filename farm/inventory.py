@@ -539,7 +539,7 @@ def _describe(error: ErrorDetails, data: dict[str, Any], node: yaml.Node | None,
     return ": ".join([where, *parts, _problem(error, cause)])
 
 
-def _problem(error: dict[str, Any], cause: Exception | None) -> str:
+def _problem(error: ErrorDetails, cause: Exception | None) -> str:
     kind = error["type"]
     if cause is not None:
         return str(cause)
@@ -547,7 +547,8 @@ def _problem(error: dict[str, Any], cause: Exception | None) -> str:
         return "required"
     if kind == "extra_forbidden":
         name = str(error["loc"][-1])
-        model: type[BaseModel] = {"hosts": Host, "defaults": Defaults, "toolchain": Toolchain}.get(
+        models: dict[str, type[BaseModel]] = {"hosts": Host, "defaults": Defaults, "toolchain": Toolchain}
+        model = models.get(
             next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Inventory
         )
         known = list(model.model_fields)

@@ -149,7 +149,7 @@ def cancel(ledger: Ledger, run: int, which: list[str] | None = None, broker: str
     for j in chosen:
         ledger.finish_job(JobRecord(j.id, j.run, j.arch, j.variant, j.host, status="cancelled", reasons=[reason],
                                     started=j.started, log=j.log))
-    if chosen and record.mode == "distributed":
+    if chosen and record.mode == "distributed" and broker:
         from farm.dispatch import distributed
 
         distributed.cancel(broker, [j.id for j in chosen], reason)

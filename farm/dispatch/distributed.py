@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import celery.exceptions
 import celery.states
@@ -36,6 +37,9 @@ from farm.errors import FarmError, OperationalError
 from farm.hosts import Cancellation
 from farm.jobs import RETRYABLE, Attempt, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
+
+if TYPE_CHECKING:
+    from farm.inventory import Host
 
 TASK = "farm.probe"
 NIGHTLY = "farm.nightly"  # one nightly pass, sent by `farm beat` at FARM_NIGHTLY_CRON times
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 _running: dict[str, Cancellation] = {}
 _handed_back: set[str] = set()
 # The hosts this worker process serves, and their job slots (max_jobs each).
-_served: dict[str, object] = {}
+_served: dict[str, Host] = {}
 _slots = HostSlots([])
 _judges: list = [None]  # Judges for the slots, set when the worker starts
 # One nightly pass, given the broker and where to say what it does: farm.nightly.scheduled_pass
@@ -350,7 +354,7 @@ class Sent:
 
     job: Job
     allowed: list[str]
-    result: object
+    result: Any  # a celery AsyncResult
 
 
 def _look(job_id: str, sent: Sent, ledger: Ledger, say, shown: dict, key: bytes, judges: Judges) -> JobRecord | None:

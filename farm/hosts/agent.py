@@ -12,6 +12,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import overload
 
 from farm.hosts import Cancellation, HostConfigError, HostError, Transport, inflate
 from farm.hosts.server import AgentServer
@@ -313,6 +314,11 @@ class Agent:
                 self._upload(path, remote, digest, f"staging {path.name}", timeout=BUILD_TIMEOUT)
             lock[1] = True
         return remote
+
+    @overload
+    def _staged_source(self, source: str) -> str: ...
+    @overload
+    def _staged_source(self, source: str | None) -> str | None: ...
 
     def _staged_source(self, source: str | None) -> str | None:
         """A toolchain source as the agent on the host reads it: ``tarball:PATH`` and
