@@ -47,6 +47,8 @@ class Architecture(enum.Enum):
     @classmethod
     def from_uname(cls, machine: str | None) -> Architecture | None:
         """The arch of a host whose ``uname -m`` is ``machine`` (ppc64le -> ppc64); None if unknown."""
+        if machine is None:
+            return None
         try:
             return cls(_UNAME.get(machine, machine))
         except ValueError:
