@@ -96,7 +96,10 @@ QEMU_OPTIONAL_FLAGS = [
     "--disable-install-blobs",
 ]
 QEMU_VENV_PACKAGES = ["meson==1.9.0", "pycotap==1.3.1"]
-QEMU_TARGET_ALIASES = {"ppc64le": "ppc64", "armv7l": "arm", "armv8l": "arm", "i686": "i386"}
+# uname -m and libvirt's arch names -> QEMU's target name; kept in step with farm/caps/arch.py
+# (tests/test_arch_aliases.py)
+QEMU_TARGET_ALIASES = {"ppc64le": "ppc64", "armv7l": "arm", "armv7": "arm", "armv8l": "arm", "arm64": "aarch64",
+                       "amd64": "x86_64", "i686": "i386"}
 
 
 class AgentError(Exception):
@@ -186,7 +189,7 @@ def run_capture(argv: List[str], timeout: float = 60, cwd: Optional[str] = None)
         proc = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AgentError("%s: %s" % (argv[0], exc))
+        raise AgentError("%s: %s" % (argv[0], exc)) from exc
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
         telling = [line for line in lines if TELLING.match(line.strip())]
@@ -203,7 +206,7 @@ def run_streamed(argv: List[str], label: str, cwd: Optional[str] = None,
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except OSError as exc:
-        raise AgentError("%s: cannot run %s: %s" % (label, argv[0], exc))
+        raise AgentError("%s: cannot run %s: %s" % (label, argv[0], exc)) from exc
     telling = None  # type: Optional[str]
     last = None  # type: Optional[str]
     assert proc.stdout is not None
@@ -243,7 +246,7 @@ def extract_tarball(tarball: str, dest: str) -> str:
             else:  # Python without extraction filters (< 3.9.17)
                 archive.extractall(dest)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise AgentError("cannot extract %s: %s" % (tarball, exc))
+        raise AgentError("cannot extract %s: %s" % (tarball, exc)) from exc
     entries = [e for e in os.listdir(dest) if not e.startswith(".")]
     if len(entries) == 1 and os.path.isdir(os.path.join(dest, entries[0])):
         return os.path.join(dest, entries[0])
@@ -675,7 +678,7 @@ def debian_tarball(cache: str, version: str) -> str:
         run_streamed(argv, "apt-get", cwd=download)
     except AgentError as exc:
         if not find_orig_tarball(download, upstream):
-            raise AgentError("cannot download libvirt=%s source: %s" % (version, exc))
+            raise AgentError("cannot download libvirt=%s source: %s" % (version, exc)) from exc
         progress("apt-get reported errors, but the orig tarball is there: %s" % exc)
     found = find_orig_tarball(download, upstream)
     if not found:
@@ -1176,12 +1179,12 @@ def place_output(tmp: str, out: str, force: bool) -> None:
     try:
         os.link(tmp, out)  # fails if out appeared meanwhile
     except FileExistsError:
-        raise AgentError("--out: %s appeared while probing; not overwritten" % out)
+        raise AgentError("--out: %s appeared while probing; not overwritten" % out) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
             raise
         if os.path.lexists(out):
-            raise AgentError("--out: %s appeared while probing; not overwritten" % out)
+            raise AgentError("--out: %s appeared while probing; not overwritten" % out) from None
         os.rename(tmp, out)
         return
     os.unlink(tmp)
@@ -1460,7 +1463,7 @@ def positive(kind: type, what: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("not %s: %r" % (what, text))
+            raise argparse.ArgumentTypeError("not %s: %r" % (what, text)) from None
         if value <= 0:
             raise argparse.ArgumentTypeError("must be positive: %r" % text)
         return value

@@ -416,7 +416,7 @@ def report(results: list[dict], args: argparse.Namespace) -> None:
           " (the stand-in's start, its sleep running late), and the rest (the job's way there and back)")
     for r in results:
         probe = [p - args.delay for p in r["probe_seconds"]]
-        rest = [s - p for s, p in zip(r["seconds"], r["probe_seconds"])]
+        rest = [s - p for s, p in zip(r["seconds"], r["probe_seconds"], strict=False)]
         print(f"  {r['n']:>5} hosts: probe {percentile(probe, .5):.3f}, rest {percentile(rest, .5):.3f}")
     print()
     p50s = {r["n"]: percentile([s - args.delay for s in r["seconds"]], .5) for r in results}

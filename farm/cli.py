@@ -17,7 +17,9 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import farm
 from farm.errors import FarmError, UsageError
 
 OK, FINDINGS, USAGE, OPERATIONAL = 0, 1, 2, 3
@@ -86,7 +88,7 @@ def cmd_validate(args) -> int:
     else:
         for d in results:
             if d.valid:
-                print(f"{d.path}: OK ({d.layout.value} layout)")
+                print(f"{d.path}: OK ({d.layout.value if d.layout else '?'} layout)")
             else:
                 print("\n".join(d.errors()))
     return OK if all(d.valid for d in results) else FINDINGS
@@ -147,16 +149,16 @@ def cmd_diff(args) -> int:
             print(f"farm: {d.path}: not a dump to compare: {first}", file=sys.stderr)
             return FINDINGS
     try:
-        d = diff(old, new)
+        changes = diff(old, new)
     except Malformed as e:
         print(f"farm: {e.path}: not a dump to compare: {e.message}", file=sys.stderr)
         return FINDINGS
     if args.json:
-        _print_json(d.to_json())
+        _print_json(changes.to_json())
     elif args.markdown:
-        print(d.to_markdown())
+        print(changes.to_markdown())
     else:
-        print(d.to_text())
+        print(changes.to_text())
     return OK
 
 
@@ -180,7 +182,7 @@ def cmd_coverage(args) -> int:
     for column in cov.columns:
         table.add_column(column)
     for version in reversed(cov.versions):
-        row = [str(version)]
+        row: list[str | Text] = [str(version)]
         for column in cov.columns:
             cell = cov.cell(version, column)
             if cell is None:
@@ -239,14 +241,12 @@ def cmd_hosts_check(args) -> int:
     from farm.inventory import resolve_inventory
     from farm.jobs import check_host, host_warnings
 
-    from rich.markup import escape
-
     inventory = resolve_inventory(args.inventory)
     hosts = [inventory.host(n) for n in args.hosts] if args.hosts else inventory.hosts
     report = []
     ledger = _ledger()
     for host in hosts:
-        entry = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
+        entry: dict[str, Any] = {"name": host.name, "arch": host.arch.value, "transport": host.transport, "ok": False}
         try:
             agent = Agent(transport_for(host), host)
             facts = agent.facts()
@@ -255,10 +255,10 @@ def cmd_hosts_check(args) -> int:
             entry["warnings"] = host_warnings(facts)
             check_host(host, facts)
             ledger.host_seen(host.name)
-        except HostError as e:  # reached but misconfigured, or not reached (an outage)
-            config = isinstance(e, HostConfigError)
-            entry.update(ok=False, error=str(e), error_kind="config" if config else "unreachable")
-            ledger.host_failed(host.name, str(e), config=config)
+        except HostError as err:  # reached but misconfigured, or not reached (an outage)
+            config = isinstance(err, HostConfigError)
+            entry.update(ok=False, error=str(err), error_kind="config" if config else "unreachable")
+            ledger.host_failed(host.name, str(err), config=config)
         entry["health"] = ledger.host(host.name).to_json()
         report.append(entry)
     if args.json:
@@ -336,15 +336,15 @@ def cmd_status(args) -> int:
         from farm.dispatch.distributed import make_app, workers
 
         live = workers(make_app(broker))
-    served = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
+    served_hosts = {q.split(".", 1)[1] for queues in live.values() for q in queues if q.startswith("host.")}
     running = ledger.running_jobs()
     hosts = []
-    for h in inventory.hosts:
-        health = ledger.host(h.name).to_json()
+    for host in inventory.hosts:
+        health = ledger.host(host.name).to_json()
         hosts.append({
-            "name": h.name, "arch": h.arch.value, "transport": h.transport, **health,
-            "served": (h.name in served) if broker else None,
-            "running": [j.id for j in running if j.host == h.name],
+            "name": host.name, "arch": host.arch.value, "transport": host.transport, **health,
+            "served": (host.name in served_hosts) if broker else None,
+            "running": [j.id for j in running if j.host == host.name],
         })
     status = {"mode": "distributed" if broker else "embedded", "hosts": hosts, "workers": live,
               "running": [_job_json(j) | {"id": j.id} for j in running]}
@@ -357,8 +357,6 @@ def cmd_status(args) -> int:
     table = Table(title=f"farm status ({status['mode']})")
     for column in ("host", "arch", "health", "last seen", "last failure", "served", "running"):
         table.add_column(column, overflow="fold")
-    from rich.markup import escape
-
     for h in hosts:
         health = {"quarantined": Text("quarantined", "bold red"),
                   "failing": Text(f"{h['failures']} failure(s)", "yellow"),
@@ -495,6 +493,9 @@ def cmd_runs_cancel(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    import functools
+
+    from farm import nightly
     from farm.dispatch.distributed import make_app, serve
     from farm.inventory import resolve_inventory
     from farm.logs import log_uncaught_exceptions
@@ -508,7 +509,8 @@ def cmd_worker(args) -> int:
     hosts = [inventory.host(name.strip()) for name in (args.hosts or "").split(",") if name.strip()]
     if not hosts and not args.coordinator:
         raise UsageError("--hosts: name at least one host of the inventory (or serve --coordinator only)")
-    serve(make_app(broker), hosts, args.loglevel, inventory, args.coordinator)
+    nightly_pass = functools.partial(nightly.scheduled_pass, inventory) if args.coordinator else None
+    serve(make_app(broker), hosts, args.loglevel, nightly_pass)
     return OK
 
 
@@ -839,6 +841,8 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farm", description="A probe farm for libvirt's QEMU capabilities data.")
+    parser.add_argument("--version", action="version", version=f"farm {farm.version()}",
+                        help="print farm's version and exit")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     def inventory_option(p) -> None:

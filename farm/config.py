@@ -301,7 +301,7 @@ class Loaded:
         read: list[ConfigFile] = []
         token = _read.set(read)
         try:
-            self.settings = Settings(**self.options)
+            self.settings = Settings(**self.options)  # type: ignore[arg-type]  # validated by pydantic
         except ValidationError as e:
             first = e.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else "?"

@@ -19,7 +19,17 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from farm.caps import textfile
 from farm.caps.arch import Architecture
@@ -455,7 +465,7 @@ def _check_shape(text: str, source: str) -> None:
     nodes = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
-            nodes += sizes.get(event.anchor, 1)  # an unknown anchor: the composer says so
+            nodes += sizes.get(event.anchor or "", 1)  # an unknown anchor: the composer says so
         elif isinstance(event, yaml.ScalarEvent):
             nodes += 1
             if event.anchor:
@@ -505,7 +515,7 @@ def _line(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
     return line
 
 
-def _describe(error: dict[str, Any], data: dict[str, Any], node: yaml.Node | None, source: str) -> str:
+def _describe(error: ErrorDetails, data: dict[str, Any], node: yaml.Node | None, source: str) -> str:
     """One line for a pydantic error: file:line: host 'name': field 'f': problem."""
     loc = tuple(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
@@ -529,7 +539,7 @@ def _describe(error: dict[str, Any], data: dict[str, Any], node: yaml.Node | Non
     return ": ".join([where, *parts, _problem(error, cause)])
 
 
-def _problem(error: dict[str, Any], cause: Exception | None) -> str:
+def _problem(error: ErrorDetails, cause: Exception | None) -> str:
     kind = error["type"]
     if cause is not None:
         return str(cause)
@@ -537,7 +547,8 @@ def _problem(error: dict[str, Any], cause: Exception | None) -> str:
         return "required"
     if kind == "extra_forbidden":
         name = str(error["loc"][-1])
-        model = {"hosts": Host, "defaults": Defaults, "toolchain": Toolchain}.get(
+        models: dict[str, type[BaseModel]] = {"hosts": Host, "defaults": Defaults, "toolchain": Toolchain}
+        model = models.get(
             next((str(p) for p in reversed(error["loc"][:-1]) if isinstance(p, str)), ""), Inventory
         )
         known = list(model.model_fields)

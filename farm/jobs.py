@@ -1,9 +1,10 @@
 """One job: probe one QEMU release (or a git ref of QEMU, filed under a release) for one arch
 (and variant) on one host.
 
-``run_job`` is the only place a probe happens: the embedded dispatcher calls
-it from threads, a Celery worker calls the same function. It never ends in
-silent success: every job ends with a status and the reasons for it.
+``run_job`` is the only place a probe happens (one host); ``execute`` tries a
+job over hosts and calls it: the embedded dispatcher calls ``execute`` from
+threads, a Celery worker calls the same function. A job never ends in silent
+success: every job ends with a status and the reasons for it.
 
 Statuses: ``ok`` (a real dump, or a fake of an arch libvirt keeps fake),
 ``fake`` (TCG only where libvirt expects real hardware), ``invalid`` (the dump
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import multiprocessing
 import os
 import platform
@@ -134,7 +136,7 @@ class HostSlots:
                 host = max(free, key=lambda h: self._free[h.name] / h.max_jobs)
                 self._free[host.name] -= 1
             else:
-                turn = ({h.name: h for h in hosts}, threading.Event(), [])
+                turn: tuple[dict, threading.Event, list] = ({h.name: h for h in hosts}, threading.Event(), [])
                 self._line.append(turn)
         if not free:
             with cancel.on_cancel(turn[1].set) if cancel else contextlib.nullcontext():
@@ -205,6 +207,10 @@ class HostSlots:
             time.sleep(0.2)
 
 
+def _said_by(say: Callable[[str], None], host: str, message: str) -> None:
+    say(f"{host}: {message}")
+
+
 def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None,
             slots: HostSlots | None = None, on_start: Callable | None = None, judges: Judges | None = None,
             attempts: int | None = None, earlier: list[Attempt] | None = None,
@@ -231,7 +237,7 @@ def execute(job: Job, hosts: list, progress: Callable[[str], None] | None = None
                     break
                 if on_start:
                     on_start(job, host)
-                outcome = run_job(job, host, lambda m, h=host.name: say(f"{h}: {m}"), judges, host_done=release,
+                outcome = run_job(job, host, functools.partial(_said_by, say, host.name), judges, host_done=release,
                                   cancel=cancel)
         except Cancelled as e:  # cancelled while waiting for a host
             outcome = Outcome(JobRecord(job.id, job.run, job.arch, job.variant, status="cancelled", reasons=[str(e)],
@@ -355,7 +361,8 @@ def host_warnings(facts: dict) -> list[str]:
     if facts.get("user") == 0:
         warnings.append("the agent runs as root: run it as an unprivileged user in the kvm group "
                         "(README: Running unprivileged)")
-    probes = facts.get("probes") if isinstance(facts.get("probes"), list) else []
+    probes = facts.get("probes")
+    probes = probes if isinstance(probes, list) else []
     warnings += [str(p["refused"]) for p in probes if isinstance(p, dict) and p.get("refused")]
     return warnings
 
@@ -474,7 +481,8 @@ def judge(job: Job, record: JobRecord, assessment: Assessment, facts: dict, prov
         record.status, record.reasons = "fake", inspection.reasons
     else:
         record.status, record.reasons = "ok", inspection.reasons
-    kvm = facts.get("kvm") if isinstance(facts.get("kvm"), dict) else {}
+    kvm = facts.get("kvm")
+    kvm = kvm if isinstance(kvm, dict) else {}
     if not kvm.get("usable"):
         record.reasons.append(f"host has no usable /dev/kvm: {kvm.get('error') or 'not present'}")
     name = assessment.name

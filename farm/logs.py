@@ -23,8 +23,7 @@ def log_uncaught_exceptions() -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread is not None else "a thread"
-        log.error("exception in thread %s: %s", name, args.exc_value,
-                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        log.error("exception in thread %s: %s", name, args.exc_value, exc_info=args.exc_value)
 
     def in_main(kind, value, traceback) -> None:
         if issubclass(kind, KeyboardInterrupt):

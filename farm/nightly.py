@@ -57,12 +57,13 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from farm.caps.names import column
 from farm.caps.version import QemuVersion
 from farm.errors import FarmError, UsageError
 from farm.jobs import Job, qemu_origin
 from farm.ledger import ANSWERS, Ledger
-from farm.caps.names import column
 
 _TAG = re.compile(r"v(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-rc([0-9]+))?")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -233,7 +234,8 @@ def _ls_remote_ref(url: str, ref: str) -> str | None:
         return None
     lines = [line.split("\t") for line in out.splitlines() if "\t" in line]
     peeled = [sha for sha, name in lines if name.endswith("^{}")]
-    return (peeled or [sha for sha, _ in lines] or [None])[0]
+    found = peeled or [sha for sha, _ in lines]
+    return found[0] if found else None
 
 
 def _made_with(provenance: dict | None, libvirts: list[dict]) -> bool:
@@ -383,9 +385,23 @@ def _exclusive(state_dir: Path):
         yield
 
 
+def scheduled_pass(inventory, broker: str, say: Callable[[str], None]) -> dict:
+    """The pass `farm beat` asks the coordinator worker for: ``run_pass`` (which holds the nightly
+    lock) with the FARM_* settings and this machine's ledger, its jobs sent through ``broker``,
+    publishing with FARM_NIGHTLY_PUBLISH into FARM_LIBVIRT_CHECKOUT; its JSON summary."""
+    from farm.config import settings
+    from farm.publish import publisher
+
+    s = settings()
+    result = run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
+                      publish=s.nightly_publish, broker=broker, say=say,
+                      publish_options=lambda: publisher.options_from_settings(s, s.libvirt_checkout))
+    return result.to_json()
+
+
 def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_run: bool = False,
              publish: bool = False, broker: str | None = None, say: Callable[[str], None] | None = None,
-             publish_options: Callable[[], object] | None = None) -> Pass:
+             publish_options: Callable[[], Any] | None = None) -> Pass:
     """One nightly pass: discover, plan, probe, publish (see the module's description)."""
     from farm.run import probe
 
@@ -409,7 +425,7 @@ def run_pass(settings, inventory, ledger: Ledger, tree: Path | None = None, dry_
             say(f"probing QEMU {qemu}{f' at {ref}' if ref else ''} on {', '.join(column(a, variant) for a in archs)}")
             record = probe(inventory, qemu, ",".join(archs), ledger, variant=variant, broker=broker, qemu_ref=ref,
                            progress=lambda job, message: say(f"{job}: {message}"), only=_hosts_of(planned, inventory))
-            entry = {"run": record.id, "qemu": qemu, "ref": ref, "variant": variant, "jobs": [
+            entry: dict[str, Any] = {"run": record.id, "qemu": qemu, "ref": ref, "variant": variant, "jobs": [
                 {"arch": j.arch, "variant": j.variant, "status": j.status, "verdict": j.verdict, "host": j.host,
                  "reasons": j.reasons}
                 for j in record.jobs]}
@@ -433,12 +449,14 @@ def _hosts_of(planned: list[Item], inventory) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def _publish(ledger: Ledger, record, options: Callable[[], object] | None, say) -> dict:
+def _publish(ledger: Ledger, record, options: Callable[[], Any] | None, say) -> dict:
     from farm.publish import publisher
 
     if not any(j.status == "ok" for j in record.jobs):
         return {"status": "nothing", "message": f"run {record.id}: no ok dump, nothing to publish"}
     try:
+        if options is None:
+            raise UsageError("publishing needs its options (publish_options)")
         publication = publisher.publish(ledger, record.id, options(), say)
     except (publisher.PublishError, UsageError) as e:  # e.g. no libvirt checkout configured
         return {"status": "error", "error": str(e)}

@@ -110,7 +110,7 @@ def resume(
     if (driver := ledger.driver(run)) is not None:
         raise UsageError(f"run {run} is still driven by process {driver.get('pid')} on {driver.get('node')}: "
                          f"wait for it, or stop it with farm runs cancel {run}")
-    if record.mode == "distributed":
+    if record.mode == "distributed" and broker:
         from farm.dispatch import distributed
 
         settings().redelivery_after  # noqa: B018 - checked before anything moves
@@ -155,7 +155,7 @@ def cancel(ledger: Ledger, run: int, which: list[str] | None = None, broker: str
     for j in chosen:
         ledger.finish_job(JobRecord(j.id, j.run, j.arch, j.variant, j.host, status="cancelled", reasons=[reason],
                                     started=j.started, log=j.log))
-    if chosen and record.mode == "distributed":
+    if chosen and record.mode == "distributed" and broker:
         from farm.dispatch import distributed
 
         distributed.cancel(broker, [j.id for j in chosen], reason)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest
 
+from tests.paths import CACHE
+
 pytest_plugins = ["tests.libvirt_worktree", "tests.netns", "tests.publishing", "tests.services"]
 
-from tests.paths import CACHE
 SOURCES = CACHE / "src"
 
 

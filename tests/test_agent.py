@@ -273,11 +273,11 @@ def test_probe_timeout_kills_group_and_daemonized_qemu(tmp_path):
     pidfile = tmp_path / "qemu.pid"
     shpidfile = tmp_path / "sh.pid"
     fake = write_script(tmp_path / "fakeprobe", (
-        'echo $$ > "{sh}"\n'
-        '"$1" -daemonize -display none -S -machine none -nodefaults -pidfile "{pid}" || exit 9\n'
-        'cp "{pid}" "{pid}.saved"\n'  # QEMU removes its pidfile when it exits
-        'echo "{{\\"started\\": true}}"\n'
-        'sleep 600\n').format(sh=shpidfile, pid=pidfile))
+        f'echo $$ > "{shpidfile}"\n'
+        f'"$1" -daemonize -display none -S -machine none -nodefaults -pidfile "{pidfile}" || exit 9\n'
+        f'cp "{pidfile}" "{pidfile}.saved"\n'  # QEMU removes its pidfile when it exits
+        'echo "{\\"started\\": true}"\n'
+        'sleep 600\n'))
     out = tmp_path / "out.replies"
     started = time.monotonic()
     code, answer, _ = run_agent("probe", "--probe", str(fake), "--qemu", QEMU_X86,

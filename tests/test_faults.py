@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.standin import QEMU, standin_builddir
 from tests.helpers import farm
+from tests.standin import QEMU, standin_builddir
 
 pytestmark = pytest.mark.slow
 

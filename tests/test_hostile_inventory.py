@@ -35,7 +35,7 @@ def alias_bomb(levels: int) -> str:
     """The 'billion laughs': each level a list of nine aliases of the level below."""
     names = [f"l{i}" for i in range(levels + 1)]
     text = f"{names[0]}: &{names[0]} [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
-    for below, level in zip(names, names[1:]):
+    for below, level in zip(names, names[1:], strict=False):
         text += f"{level}: &{level} [{', '.join(['*' + below] * 9)}]\n"
     return text + f"hosts: *{names[-1]}\n"
 
@@ -77,7 +77,7 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("a scalar at the top", "hello\n", ["expected a mapping with a 'hosts:' list at the top, not a string"]),
     ("hosts a mapping", "hosts:\n  name: a\n", ["field 'hosts'", "expected a list, not a mapping"]),
     # git URLs and refs are never options of git
-    ("libvirt git URL starting with -", local(toolchain=f"{{libvirt: 'git:--upload-pack=touch@master'}}"),
+    ("libvirt git URL starting with -", local(toolchain="{libvirt: 'git:--upload-pack=touch@master'}"),
      ["field 'toolchain.libvirt'", "bad source 'git:--upload-pack=touch@master': the git URL starts with '-'"]),
     ("qemu git URL starting with -", local(toolchain="{qemu: 'git:-cprotocol.ext.allow=always@v9.0.0'}"),
      ["field 'toolchain.qemu'", "the git URL starts with '-'"]),

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from farm.jobs import HostSlots, Job, Judges, assess
 from farm.inventory import Host
+from farm.jobs import HostSlots, Job, Judges, assess
 from tests.standin import RECORDED
 
 

@@ -154,7 +154,10 @@ def test_release_candidates_are_filed_under_their_release():
     chosen = Discovery("u", tags, None).candidates(QemuVersion.parse("9.0.0"))
     assert [t.name for t in chosen] == ["v9.1.0", "v9.2.0-rc2", "v10.0.0-rc0"]  # 9.1.1: stable, listed only
     rc2 = Tag("v9.2.0-rc2", QemuVersion(9, 2, 0), 2)
-    made = lambda v: {"verdict": {"facts": {"qemu_version": v}}}
+
+    def made(v):
+        return {"verdict": {"facts": {"qemu_version": v}}}
+
     assert not _of_candidate(made("9.1.91"), rc2)  # rc1's result: a newer rc is out
     assert _of_candidate(made("9.1.92"), rc2)
     assert not _of_candidate(made("9.1.92"), Tag("v9.2.0", QemuVersion(9, 2, 0)))  # released since

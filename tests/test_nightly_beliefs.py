@@ -152,9 +152,9 @@ def test_a_cell_shows_a_real_dump_over_a_later_fake_over_a_later_failure(tmp_pat
 ])
 def test_a_wrong_version_settles_a_release_only_for_hosts_running_the_same_qemu(tmp_path, origin, untried):
     # a result as a worker may send it (provenance is a worker's word), recorded through the ledger's API
+    from farm.caps.version import QemuVersion
     from farm.inventory import resolve_inventory
     from farm.nightly import Discovery, parse_tags, plan
-    from farm.caps.version import QemuVersion
 
     standin = standin_builddir(tmp_path / "standin", delay=0)
     inventory = tmp_path / "inventory.yaml"

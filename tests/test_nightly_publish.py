@@ -19,9 +19,9 @@ import pytest
 from farm.caps import dump as dumps
 from tests.commit_style import check_commit_message
 from tests.helpers import farm, needs_kvm, needs_x86
+from tests.publishing import CAPS, EMAIL, NAME, git, snapshot
 from tests.standin import RECORDED, standin_builddir
 from tests.test_nightly import qemu_repo
-from tests.publishing import CAPS, EMAIL, NAME, git, snapshot
 
 SUBJECT = "qemucapabilitiesdata: Update test data for qemu-7.2.0 on x86_64"
 

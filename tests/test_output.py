@@ -4,7 +4,6 @@ exception."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -12,8 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.helpers import REPO, farm
 

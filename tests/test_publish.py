@@ -22,9 +22,9 @@ from farm.ledger import JobRecord, Ledger
 from farm.publish import mr as merge_requests
 from farm.publish import publisher
 from farm.publish.git import Git
+from tests.commit_style import check_commit_message
 from tests.gitlab_stub import GitLabStub
 from tests.helpers import farm, needs_kvm, needs_x86
-from tests.commit_style import check_commit_message
 from tests.publishing import CAPS, EMAIL, NAME, Remotes, add_remotes, git, snapshot
 
 TOKEN = "glpat-FarmSecretToken-0123456789"

@@ -21,8 +21,8 @@ import pytest
 
 from farm.caps import dump
 from farm.caps.dump import Exchange
-from tests.paths import CACHE
 from tests.helpers import farm, needs_kvm
+from tests.paths import CACHE
 
 TARBALL = CACHE / "src" / "qemu_10.2.2+ds.orig.tar.xz"
 

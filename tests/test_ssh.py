@@ -28,6 +28,7 @@ from tests.helpers import farm, needs_kvm, needs_x86
 from tests.netns import FARM_USER, LIBVIRT, native_arch
 from tests.paths import CACHE
 
+
 @pytest.fixture(scope="session")
 def probe_build() -> None:
     """libvirt 11.3.0's qemucapsprobe published in the machine's cache (built by the local agent

@@ -5,7 +5,6 @@ the right exit code, never a traceback; nothing kept is overwritten."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 

@@ -47,6 +47,8 @@ class Architecture(enum.Enum):
     @classmethod
     def from_uname(cls, machine: str | None) -> Architecture | None:
         """The arch of a host whose ``uname -m`` is ``machine`` (ppc64le -> ppc64); None if unknown."""
+        if machine is None:
+            return None
         try:
             return cls(_UNAME.get(machine, machine))
         except ValueError:
@@ -86,7 +88,9 @@ REAL_HARDWARE = frozenset(
 )
 
 _QEMU_TARGET = {Architecture.armv7l: "arm", Architecture.i686: "i386"}
-_UNAME = {"ppc64le": "ppc64", "arm64": "aarch64", "armv7": "armv7l", "amd64": "x86_64", "i386": "i686"}
+# uname -m -> libvirt's name; the agent's QEMU_TARGET_ALIASES agree (tests/test_arch_aliases.py)
+_UNAME = {"ppc64le": "ppc64", "arm64": "aarch64", "armv7": "armv7l", "armv8l": "armv7l", "amd64": "x86_64",
+          "i386": "i686"}
 
 
 def _order(arch: Architecture) -> int:

@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from farm.caps.dump import Dump, Exchange
 
@@ -98,7 +99,7 @@ class DumpDiff:
                     out += [summary, "", *bullets, ""]
         return "\n".join(out)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "old": self.old,
             "new": self.new,
@@ -148,7 +149,7 @@ def diff(old: Dump, new: Dump) -> DumpDiff:
     )
 
 
-class Probed(dict):
+class Probed(dict[Any, Any]):  # keys from the dump: usually strings
     """Items per probed thing: ``{probe: Items}``.
 
     libvirt's list of probes changes between libvirt releases, and a thing
@@ -162,7 +163,8 @@ class Probed(dict):
 
 def _compare(title: str, old: Items, new: Items) -> Change:
     if isinstance(old, Probed) and isinstance(new, Probed):
-        old, new = old.common(new), new.common(old)
+        common = old.common(new), new.common(old)
+        old, new = common
     changed = []
     for key in sorted(old.keys() & new.keys()):
         a, b = old[key], new[key]
@@ -184,7 +186,7 @@ def _show(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _attr(attrs: dict, key: str) -> str:
+def _attr(attrs: dict[str, Any], key: str) -> str:
     return _show(attrs[key]) if key in attrs else "(none)"
 
 
@@ -196,7 +198,7 @@ def _version(dump: Dump) -> str:
     return ".".join(str(v) if isinstance(v := qemu.get(k), int) else "?" for k in ("major", "minor", "micro"))
 
 
-def _result(dump: Dump, execute: str, session: int = 0):
+def _result(dump: Dump, execute: str, session: int = 0) -> Any:
     ex = dump.find(execute, session)
     return ex.result if ex else None
 
@@ -204,7 +206,7 @@ def _result(dump: Dump, execute: str, session: int = 0):
 # --- feature sections ------------------------------------------------------------
 
 
-def _schema(dump: Dump) -> list[dict]:
+def _schema(dump: Dump) -> list[dict[str, Any]]:
     return _result(dump, "query-qmp-schema") or []
 
 
@@ -222,14 +224,14 @@ def _schema_paths(dump: Dump) -> Items:
         t = types.get(name, {})
         kind = t.get("meta-type", "unknown")
         if kind == "builtin":
-            return t["json-type"]
+            return str(t["json-type"])
         if kind == "array":
             return f"[{describe(t['element-type'])}]"
         if kind == "alternate":
             return " | ".join(sorted({describe(m["type"]) for m in t["members"]}))
-        return kind
+        return str(kind)
 
-    def walk(path: str, name: str, seen: frozenset) -> None:
+    def walk(path: str, name: str, seen: frozenset[str]) -> None:
         t = types.get(name)
         if t is None or name in seen:
             return

@@ -27,10 +27,11 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any, cast
 
 from farm.caps import schema, textfile
 
@@ -58,30 +59,31 @@ class Problem:
 class Exchange:
     """One command and its reply, with the lines they start at."""
 
-    command: dict
+    command: dict[str, Any]
     reply_text: str
     line: int
     reply_line: int
-    _reply: dict | None = field(default=None, repr=False)
+    _reply: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def execute(self) -> str:
-        return self.command.get("execute", "")
+        execute: str = self.command.get("execute", "")
+        return execute
 
     @property
-    def arguments(self) -> dict:
+    def arguments(self) -> dict[str, Any]:
         arguments = self.command.get("arguments")
         return arguments if isinstance(arguments, dict) else {}
 
     @property
-    def reply(self) -> dict:
+    def reply(self) -> dict[str, Any]:
         """The parsed reply."""
         if self._reply is None:
-            self._reply = decode(self.reply_text)
+            self._reply = cast(dict[str, Any], decode(self.reply_text))
         return self._reply
 
     @property
-    def result(self):
+    def result(self) -> Any:
         """The reply's ``return`` value, or None for an error reply."""
         return self.reply.get("return")
 
@@ -273,13 +275,14 @@ def _parse_slow(text: str, path: str) -> Dump:
     exchanges = []
     for i in range(0, len(objects) - 1, 2):
         (cline, _, command), (rline, rtext, reply) = objects[i], objects[i + 1]
-        exchanges.append(Exchange(command, rtext, cline, rline, reply))
+        # every object is a dict here (any other is a problem, returned above)
+        exchanges.append(Exchange(cast(dict[str, Any], command), rtext, cline, rline, cast(dict[str, Any], reply)))
     if len(objects) % 2:
         line, _, command = objects[-1]
         problems.append(Problem(line, f"command {_brief(command)} has no reply"))
 
     layout, mismatches = _closest_layout(objects)
-    for (line, chunk, obj), offset in zip(objects, mismatches):
+    for (line, chunk, obj), offset in zip(objects, mismatches, strict=False):
         if offset is not None:
             at, want, got = _difference_at(obj, chunk, layout, offset)
             problems.append(
@@ -304,8 +307,9 @@ class JsonProblem(ValueError):
             if line:
                 return line
         at = -1
-        for _ in range(self.nth if self.needle else 0):
-            at = text.find(self.needle, at + 1)
+        needle = self.needle or ""
+        for _ in range(self.nth if needle else 0):
+            at = text.find(needle, at + 1)
             if at < 0:
                 return 1
         return text.count("\n", 0, at) + 1 if at >= 0 else 1
@@ -327,11 +331,14 @@ def _repeated_key_line(text: str, needle: str) -> int | None:
     return None
 
 
-def _pairs(pairs: list[tuple[str, object]]) -> dict:
+def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        for key, _ in pairs:  # the first key seen twice
+            if key in seen:
+                break
+            seen.add(key)
         raise JsonProblem(f"duplicate key {key!r} (one of its values would be lost)", json.dumps(key) + ":", 2)
     return obj
 
@@ -508,7 +515,7 @@ def _check_schema(dump: Dump) -> None:
             dump.problems.append(Problem(_entry_line(ex, entries, index), f"query-qmp-schema: {message}", "schema"))
 
 
-def _entry_line(ex: Exchange, entries: list, index: int) -> int:
+def _entry_line(ex: Exchange, entries: list[Any], index: int) -> int:
     """The line of a schema entry, found by its unique name."""
     if not isinstance(entries, list) or index >= len(entries):
         return ex.reply_line
@@ -535,7 +542,7 @@ def _brief(command: object) -> str:
 # --- the two layouts ---------------------------------------------------------
 
 
-def _encoder(layout: Layout):
+def _encoder(layout: Layout) -> Callable[[object], str]:
     return _encode_current if layout is Layout.current else _encode_old
 
 
@@ -598,6 +605,6 @@ def _value(depth: int, layout: Layout) -> str:
 
 
 @functools.cache
-def _layout_regex(layout: Layout) -> re.Pattern:
+def _layout_regex(layout: Layout) -> re.Pattern[str]:
     top = _value(0, layout)
     return re.compile(f"(?:{top}\\n\\n)*+{top}\\n")

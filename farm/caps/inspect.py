@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from farm.caps.arch import Architecture
 from farm.caps.dump import Dump, Layout
@@ -63,7 +64,7 @@ class Inspection:
         """Invalid, or fake where libvirt expects real hardware."""
         return self.verdict is Verdict.invalid or (self.verdict is Verdict.fake and self.expects_real)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         facts = asdict(self.facts)
         facts["qemu_version"] = str(self.facts.qemu_version) if self.facts.qemu_version else None
         facts["arch"] = self.facts.arch.value if self.facts.arch else None
@@ -126,7 +127,7 @@ def read_facts(dump: Dump) -> Facts:
     if isinstance(target, dict):
         facts.target = target.get("arch")
         try:
-            facts.arch = Architecture.from_qemu_target(facts.target)
+            facts.arch = Architecture.from_qemu_target(str(facts.target))
         except Exception:
             facts.arch = None
     facts.accelerator, facts.accelerators_present = _accelerator(dump)
@@ -236,7 +237,7 @@ def _build_warnings(facts: Facts) -> list[str]:
     return warnings
 
 
-def _result(dump: Dump, execute: str):
+def _result(dump: Dump, execute: str) -> Any:
     ex = dump.find(execute)
     if ex is None:
         return None

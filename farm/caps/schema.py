@@ -7,11 +7,12 @@ adds one must be looked at before its dump is accepted.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 # meta-type -> (mandatory keys, optional keys, {list key: rule of its items})
 Rule = tuple[dict[str, type], dict[str, type], dict[str, "Rule"]]
 
-_FEATURES = {"features": list}
+_FEATURES: dict[str, type] = {"features": list}
 
 _RULES: dict[str, Rule] = {
     "command": (
@@ -49,12 +50,12 @@ def check(entries: object) -> Iterator[tuple[int, str]]:
         yield 0, "the schema is not a JSON array"
         return
     for index, entry in enumerate(entries):
-        if type(entry) is dict and _fits(entry, _RULES.get(entry.get("meta-type"))):
+        if type(entry) is dict and _fits(entry, _RULES.get(str(entry.get("meta-type")))):
             continue
         if not isinstance(entry, dict):
             yield index, f"entry #{index} is not a JSON object"
             continue
-        rule = _RULES.get(entry.get("meta-type"))
+        rule = _RULES.get(str(entry.get("meta-type")))
         if rule is None:
             yield index, f"entry {_name(entry)}: unknown or missing 'meta-type' {entry.get('meta-type')!r}"
             continue
@@ -62,7 +63,7 @@ def check(entries: object) -> Iterator[tuple[int, str]]:
             yield index, f"entry {_name(entry)} ({entry['meta-type']}): {message}"
 
 
-def _fits(entry: dict, rule: Rule | None) -> bool:
+def _fits(entry: dict[str, Any], rule: Rule | None) -> bool:
     """A fast yes for the common case; _check_keys says what is wrong."""
     if rule is None:
         return False
@@ -88,7 +89,7 @@ def _fits(entry: dict, rule: Rule | None) -> bool:
     return True
 
 
-def _check_keys(entry: dict, rule: Rule, where: str = "") -> Iterator[str]:
+def _check_keys(entry: dict[str, Any], rule: Rule, where: str = "") -> Iterator[str]:
     mandatory, optional, items = rule
     for key, kind in mandatory.items():
         if key not in entry:
@@ -115,6 +116,6 @@ def _check_keys(entry: dict, rule: Rule, where: str = "") -> Iterator[str]:
                 yield from _check_keys(item, item_rule, f"{where}{key}[{i}] {_name(item)}: ")
 
 
-def _name(entry: dict) -> str:
+def _name(entry: dict[str, Any]) -> str:
     name = entry.get("name", entry.get("case", entry.get("type")))
     return repr(name) if isinstance(name, str) else "(unnamed)"

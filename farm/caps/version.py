@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from farm.errors import UsageError
 
@@ -24,7 +25,7 @@ class QemuVersion:
         return cls(int(m[1]), int(m[2]), int(m[3] or 0))
 
     @classmethod
-    def from_reply(cls, qemu: dict) -> QemuVersion:
+    def from_reply(cls, qemu: dict[str, Any]) -> QemuVersion:
         """From query-version's ``return.qemu`` object."""
         return cls(int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
 

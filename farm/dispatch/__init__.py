@@ -1,1 +1,2 @@
-"""Getting jobs run: ``embedded`` (threads in the CLI, no services); Celery arrives with the distributed farm."""
+"""Getting jobs run: ``embedded`` (threads in the CLI, no services) and ``distributed`` (Celery over Redis:
+``farm worker`` processes, ``farm beat``); ``wire`` signs the results workers send back."""

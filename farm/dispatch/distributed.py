@@ -3,7 +3,7 @@
 The coordinator (``farm probe`` with a broker) sends each job to the queue of
 its arch (``arch.x86_64``, ``arch.x86_64+amdsev``); ``farm worker --hosts ...``
 serves those queues (and ``host.NAME`` for targeted jobs) for its hosts and
-runs the same ``run_job`` as the embedded dispatcher. The Celery task id is the
+runs the same ``jobs.execute`` as the embedded dispatcher. The Celery task id is the
 job id, so a redelivered job has one result; the coordinator keeps results in
 the ledger (Redis carries work and liveness, SQLite remembers).
 
@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import celery.exceptions
 import celery.states
@@ -31,11 +32,14 @@ from celery.worker.control import control_command
 from farm.caps.arch import Architecture
 from farm.caps.names import column
 from farm.config import settings
+from farm.dispatch.wire import open_sealed, seal
 from farm.errors import FarmError, OperationalError
 from farm.hosts import Cancellation
-from farm.dispatch.wire import open_sealed, seal
 from farm.jobs import RETRYABLE, Attempt, HostSlots, Job, Judges, Outcome, execute, keep
 from farm.ledger import JobRecord, Ledger
+
+if TYPE_CHECKING:
+    from farm.inventory import Host
 
 TASK = "farm.probe"
 NIGHTLY = "farm.nightly"  # one nightly pass, sent by `farm beat` at FARM_NIGHTLY_CRON times
@@ -58,10 +62,14 @@ log = logging.getLogger(__name__)
 _running: dict[str, Cancellation] = {}
 _handed_back: set[str] = set()
 # The hosts this worker process serves, and their job slots (max_jobs each).
-_served: dict[str, object] = {}
+_served: dict[str, Host] = {}
 _slots = HostSlots([])
 _judges: list = [None]  # Judges for the slots, set when the worker starts
-_inventory: list = [None]  # the worker's inventory (the nightly task plans over it)
+# One nightly pass, given the broker and where to say what it does: farm.nightly.scheduled_pass
+# over the worker's inventory, handed in by `farm worker --coordinator` (this module never
+# imports farm.nightly, which plans and probes through farm.run, which dispatches through here)
+NightlyPass = Callable[[str, Callable[[str], None]], dict]
+_nightly_pass: list[NightlyPass | None] = [None]
 
 
 def arch_queue(arch: str, variant: str | None = None) -> str:
@@ -145,15 +153,16 @@ def beat(app: Celery, loglevel: str = "INFO") -> None:
 # --- the worker side ----------------------------------------------------------------
 
 
-def serve(app: Celery, hosts: list, loglevel: str = "INFO", inventory=None, coordinator: bool = False) -> None:
-    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot; with ``coordinator``
-    one more, serving ``farm.coordinator`` (the nightly task, over ``inventory``)."""
+def serve(app: Celery, hosts: list, loglevel: str = "INFO", nightly_pass: NightlyPass | None = None) -> None:
+    """Run a Celery worker for ``hosts`` (blocks). One thread per job slot; with ``nightly_pass``
+    one more, serving ``farm.coordinator`` (the nightly task, which runs ``nightly_pass``)."""
+    coordinator = nightly_pass is not None
     for host in hosts:
         _served[host.name] = host
     _slots.add(hosts)
     _slots.leases = settings().state_dir / "slots"  # shared with the other farm processes of this machine
     _judges[0] = Judges.for_slots(_slots.size)
-    _inventory[0] = inventory
+    _nightly_pass[0] = nightly_pass
     queues = {COORDINATOR_QUEUE} if coordinator else set()
     for host in hosts:
         queues.add(arch_queue(host.arch.value))
@@ -241,22 +250,13 @@ def _hand_back(grace: float) -> None:
 
 
 def _nightly(task) -> dict:
-    """The Celery task: one nightly pass (farm.nightly.run_pass, which holds the nightly lock) over
-    the worker's inventory, its jobs sent to the workers through this broker, publishing with
-    FARM_NIGHTLY_PUBLISH into FARM_LIBVIRT_CHECKOUT; its JSON summary."""
+    """The Celery task: one nightly pass (the worker's ``nightly_pass``), its jobs sent to the
+    workers through this broker; its JSON summary."""
     from celery.utils.log import get_task_logger
 
-    from farm import nightly
-    from farm.inventory import resolve_inventory
-    from farm.publish import publisher
-
-    s = settings()
-    log = get_task_logger(NIGHTLY)
-    inventory = _inventory[0] if _inventory[0] is not None else resolve_inventory(None)
-    result = nightly.run_pass(s, inventory, Ledger(s.state_dir, s.quarantine_after), s.libvirt_checkout,
-                              publish=s.nightly_publish, broker=task.app.conf.broker_url, say=log.info,
-                              publish_options=lambda: publisher.options_from_settings(s, s.libvirt_checkout))
-    return result.to_json()
+    if _nightly_pass[0] is None:  # only a worker serving farm.coordinator receives it
+        raise FarmError("this worker runs no nightly passes (farm worker --coordinator does)")
+    return _nightly_pass[0](task.app.conf.broker_url, get_task_logger(NIGHTLY).info)
 
 
 # --- the coordinator side -------------------------------------------------------------
@@ -394,7 +394,7 @@ class Sent:
 
     job: Job
     allowed: list[str]
-    result: object
+    result: Any  # a celery AsyncResult
 
 
 def _look(job_id: str, sent: Sent, ledger: Ledger, say, shown: dict, key: bytes, judges: Judges) -> JobRecord | None:

@@ -115,9 +115,10 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
     for host in [result.host, *(a.host for a in result.attempts)]:
         if host is not None and host not in allowed:
             raise Rejected(f"host {host!r} was not allowed to run it (allowed: {', '.join(sorted(allowed))})")
+    provenance: dict = result.provenance if isinstance(result.provenance, dict) else {}
     record = JobRecord(job.id, job.run, job.arch, job.variant, result.host, status=result.status.value,
                        reasons=list(result.reasons), started=result.started, finished=result.finished or time.time(),
-                       provenance=result.provenance if isinstance(result.provenance, dict) else {},
+                       provenance=provenance,
                        log=list(result.log))
     outcome = Outcome(record, attempts=[Attempt(a.host, a.status.value, a.reason, a.misconfigured)
                                         for a in result.attempts])
@@ -130,9 +131,9 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
     except ValueError as e:
         raise Rejected(f"its dump is damaged: {e}") from None
     claimed = (result.status, record.verdict)
-    facts = ((record.provenance or {}).get("host") or {}).get("facts")
+    facts = (provenance.get("host") or {}).get("facts")
     outcome.name = str(judge(job, record, (judges or assess)(job, outcome.dump),
-                             facts if isinstance(facts, dict) else {}, record.provenance))
+                             facts if isinstance(facts, dict) else {}, provenance))
     if claimed[0] != record.status and claimed[0] in FINAL:
         record.log.append(f"the worker judged it {claimed[0]}; the coordinator judged it {record.status}")
         log.warning("%s: the worker judged it %s, the coordinator %s", job.id, claimed[0], record.status)

@@ -150,7 +150,7 @@ def transport_for(host) -> Transport:
     if host.transport == "local":
         from farm.hosts.local import LocalTransport
 
-        key = (os.getpid(), host.name, host.user)
+        key: tuple[object, ...] = (os.getpid(), host.name, host.user)
         with _pool_lock:
             transport = _pool.get(key)
             if transport is None:

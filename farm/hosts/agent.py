@@ -12,6 +12,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import overload
 
 from pydantic import ValidationError
 
@@ -19,7 +20,16 @@ from farm.hosts import Cancellation, HostConfigError, HostError, Transport, infl
 from farm.hosts.replies import JobReply
 from farm.hosts.server import AgentServer
 
-AGENT_FILE = Path(__file__).resolve().parents[2] / "agents" / "farm_agent.py"
+
+def _agent_file() -> Path:
+    """The agent: inside the installed package (a wheel carries it as farm/_agent/farm_agent.py,
+    see setup.py), else in the source tree (agents/farm_agent.py: a checkout or editable install)."""
+    here = Path(__file__).resolve()
+    packaged = here.parents[1] / "_agent" / "farm_agent.py"
+    return packaged if packaged.is_file() else here.parents[2] / "agents" / "farm_agent.py"
+
+
+AGENT_FILE = _agent_file()
 
 # seconds; toolchain builds can take long on slow hosts
 FACTS_TIMEOUT = 60
@@ -158,7 +168,7 @@ class Agent:
             cache = os.path.expanduser(cache)
             self.path = str(AGENT_FILE)
             if not AGENT_FILE.is_file():
-                raise HostError(f"agent not found at {AGENT_FILE} (farm must run from its source tree)")
+                raise HostError(f"agent not found at {AGENT_FILE} (neither in the installed package nor in a source tree)")
         else:
             self._remote = self._remote_cache(cache or "~/.cache/farm")
             cache = self._remote["cache"]
@@ -309,6 +319,11 @@ class Agent:
                 self._upload(path, remote, digest, f"staging {path.name}", timeout=BUILD_TIMEOUT)
             lock[1] = True
         return remote
+
+    @overload
+    def _staged_source(self, source: str) -> str: ...
+    @overload
+    def _staged_source(self, source: str | None) -> str | None: ...
 
     def _staged_source(self, source: str | None) -> str | None:
         """A toolchain source as the agent on the host reads it: ``tarball:PATH`` and

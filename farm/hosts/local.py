@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import select
@@ -12,8 +13,6 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-
-import errno
 
 from farm.hosts import Cancellation, Completed, HostConfigError, HostError, tell
 

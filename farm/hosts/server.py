@@ -19,7 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from farm.hosts import Cancellation, Completed, HostError, tell as _tell
+from farm.hosts import Cancellation, Completed, HostError
+from farm.hosts import tell as _tell
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import paramiko
@@ -86,7 +86,7 @@ class SSHTransport:
         return self.host.address if self.host.port == 22 else f"[{self.host.address}]:{self.host.port}"
 
     def _expected(self, keys: paramiko.HostKeys) -> str:
-        known = keys.lookup(self._lookup_name()) or {}
+        known: Mapping[str, paramiko.PKey] = keys.lookup(self._lookup_name()) or {}
         return ", ".join(f"{kind} {fingerprint(key)}" for kind, key in known.items()) or "none"
 
     def _connect(self) -> paramiko.SSHClient:

@@ -35,7 +35,7 @@ from farm.caps import dump as dumps
 from farm.caps.diff import DumpDiff, diff
 from farm.caps.inspect import Inspection, Verdict, inspect
 from farm.caps.names import DumpName, Scheme, column, detect_scheme, place
-from farm.errors import FarmError, OperationalError, UsageError
+from farm.errors import OperationalError, UsageError
 from farm.ledger import JobRecord, Ledger, PublicationRecord, RunRecord
 from farm.publish import message as messages
 from farm.publish import mr as merge_requests
@@ -260,8 +260,8 @@ def _place(job: JobRecord, artifact: Path, tree: Path, inspection: Inspection | 
         return Placed(job.id, arch, version, artifact, target, action, text, change, target.name, provenance,
                       inspection)
     previous = _previous(data, name)
-    change = diff(dumps.load(previous), rendered) if previous else None
-    return Placed(job.id, arch, version, artifact, target, "Add", text, change,
+    against = diff(dumps.load(previous), rendered) if previous else None
+    return Placed(job.id, arch, version, artifact, target, "Add", text, against,
                   previous.name if previous else None, provenance, inspection)
 
 

@@ -151,7 +151,9 @@ def create_app(ledger: Ledger, inventory=None, tree: Path | None = None, token: 
         Route("/tree/{name}", tree_file),
     ]
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, HTTPException):  # registered for HTTPException only
+            raise exc
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code, headers=exc.headers)

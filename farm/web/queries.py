@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from farm.ledger import DUMPED, FINAL, HostHealth, Ledger, RunRecord, run_status
 
 
-
 @dataclass
 class CellJob:
     """A job that may stand for its cell (QEMU release asked for x arch[+variant]): the latest of its
