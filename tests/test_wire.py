@@ -30,7 +30,8 @@ JOB = Job(1, QEMU, "x86_64")
 
 def outcome(status="ok", dump: str | None = None, host="x86-a", **record) -> Outcome:
     r = JobRecord(JOB.id, 1, "x86_64", None, host, status=status, verdict="real", started=1.0, finished=2.0,
-                  provenance={"host": {"name": host, "facts": {"kvm": {"usable": True}}}}, **record)
+                  provenance={"job": JOB.id, "host": {"name": host, "arch": "x86_64", "facts": {"kvm": {"usable": True}}}},
+                  **record)
     return Outcome(r, dump, attempts=[Attempt(host, status, "")])
 
 
@@ -102,7 +103,9 @@ def test_a_forged_or_tampered_result_is_a_failed_job_saying_why(real_dump, forge
     (lambda p: p.update(dump=base64.b64encode(zlib.compress(b"\xff\xfe")).decode()), "its dump is damaged"),
     (lambda p: p.update(reasons=["x" * 5000]), "malformed"),
     (lambda p: p.update(log=["x"] * 6000), "malformed"),
-    (lambda p: p.update(provenance={"big": "x" * (2 << 20)}), "provenance is larger"),
+    (lambda p: p["provenance"]["host"].update(facts={"big": "x" * (2 << 20)}), "provenance is larger"),
+    (lambda p: p["provenance"].update(root="yes"), "malformed"),
+    (lambda p: p["provenance"].update(farm={"version": "0", "coordinator": "evil", "pid": "me"}), "malformed"),
 ])
 def test_a_sealed_result_that_claims_what_the_coordinator_did_not_plan_is_refused(real_dump, change, why):
     payload = json.loads(seal(outcome(dump=real_dump), KEY)["result"])

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from farm.hosts import inflate
 from farm.jobs import RETRYABLE, Attempt, Job, Judges, Outcome, assess, judge
 from farm.ledger import FINAL, JobRecord, JobStatus
+from farm.provenance import Provenance
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class WireResult(BaseModel):
     log: list[Line] = Field(default_factory=list, max_length=5000)
     started: float | None = None
     finished: float | None = None
-    provenance: dict | None = None
+    provenance: Provenance | None = None
     attempts: list[WireAttempt] = Field(default_factory=list, max_length=32)
     dump: Annotated[str, StringConstraints(max_length=MAX_SEALED)] | None = None  # base64 of zlib
 
@@ -104,7 +105,7 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
                        "has another FARM_RESULT_KEY_FILE)")
     try:
         result = WireResult.model_validate(json.loads(body))
-        if result.provenance is not None and len(json.dumps(result.provenance)) > MAX_PROVENANCE:
+        if result.provenance is not None and len(result.provenance.model_dump_json()) > MAX_PROVENANCE:
             raise ValueError(f"its provenance is larger than {MAX_PROVENANCE >> 10} KiB")
     except (ValueError, ValidationError, RecursionError) as e:
         raise Rejected(f"malformed: {(str(e) or type(e).__name__).splitlines()[0]}") from None
@@ -115,7 +116,7 @@ def _open(data: object, job: Job, allowed: set[str], key: bytes, judges: Judges 
     for host in [result.host, *(a.host for a in result.attempts)]:
         if host is not None and host not in allowed:
             raise Rejected(f"host {host!r} was not allowed to run it (allowed: {', '.join(sorted(allowed))})")
-    provenance: dict = result.provenance if isinstance(result.provenance, dict) else {}
+    provenance: dict = result.provenance.to_json() if result.provenance is not None else {}
     record = JobRecord(job.id, job.run, job.arch, job.variant, result.host, status=result.status.value,
                        reasons=list(result.reasons), started=result.started, finished=result.finished or time.time(),
                        provenance=provenance,
